@@ -1,0 +1,36 @@
+# Two commands for a new machine:  `make demo` (set up + run the pipeline)  and  `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast lint clean-runs
+
+setup: $(VENV)/.installed
+
+# torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,s3]'
+	$(BIN)/pip check
+	touch $@
+
+demo: setup
+	$(BIN)/python flows/pipeline.py
+	@echo; cat reports/summary.md
+
+test: setup
+	$(BIN)/ruff check src stages flows tests benchmarks
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not e2e and not integration and not network" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check src stages flows tests benchmarks

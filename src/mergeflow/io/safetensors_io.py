@@ -1,0 +1,264 @@
+"""Lazy, validated safetensors reading and atomic writing over fsspec (local paths or ``s3://``).
+
+The safetensors format is an 8-byte little-endian header length, a JSON header mapping each tensor
+name to ``{"dtype", "shape", "data_offsets": [begin, end]}``, then the raw bytes. We parse the header
+ourselves so the same code reads a local file or an object in S3 with range reads, one tensor at a
+time, and so a corrupted or hostile header is refused before any byte of data is trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import fsspec
+import torch
+from safetensors.torch import save as st_save
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely; the message names the file and the fix."""
+
+
+def refuse_pickle(path: str) -> None:
+    """Raise if ``path`` looks like a pickled checkpoint.
+
+    Raises:
+        CheckpointError: Always for pickle suffixes, with how to convert.
+    """
+    if str(path).endswith(PICKLE_SUFFIXES):
+        raise CheckpointError(
+            f"{path}: pickled checkpoints are refused (unpickling runs arbitrary code). Convert it "
+            "once, in a trusted environment, with `safetensors.torch.save_file(torch.load(p, "
+            "weights_only=True), 'model.safetensors')`, or save with `save_pretrained(..., "
+            "safe_serialization=True)`."
+        )
+
+
+class SafetensorsFile:
+    """One safetensors file, read lazily tensor by tensor through fsspec.
+
+    Args:
+        path: Local path or any fsspec URL (``s3://bucket/key.safetensors``).
+        storage_options: Passed to fsspec (e.g. ``{"client_kwargs": {"endpoint_url": ...}}``).
+    """
+
+    def __init__(self, path: str | os.PathLike, storage_options: Mapping | None = None):
+        self.path = str(path)
+        refuse_pickle(self.path)
+        self._fs, self._fpath = fsspec.core.url_to_fs(self.path, **(storage_options or {}))
+        try:
+            size = self._fs.size(self._fpath)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found") from None
+        with self._fs.open(self._fpath, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{self.path}: truncated (shorter than a safetensors header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or n + 8 > size:
+                raise CheckpointError(
+                    f"{self.path}: header length {n} is larger than allowed or than the file "
+                    f"({size} bytes); the file is corrupted or not safetensors"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise CheckpointError(f"{self.path}: header is not valid JSON") from None
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed entry") from None
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if begin < 0 or end - begin != nbytes or self._data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} has offsets outside the file or not matching its "
+                    "shape; the file is truncated or corrupted"
+                )
+            self._entries[name] = (dtype, shape, begin, end)
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Shape of one tensor without reading it."""
+        return self._entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        """Dtype of one tensor without reading it."""
+        return self._entries[name][0]
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data in the file."""
+        return sum(e[3] - e[2] for e in self._entries.values())
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor.
+
+        Raises:
+            CheckpointError: The tensor is not in the file.
+        """
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing")
+        dtype, shape, begin, end = self._entries[name]
+        with self._fs.open(self._fpath, "rb") as f:
+            f.seek(self._data_start + begin)
+            buf = f.read(end - begin)
+        if len(buf) != end - begin:
+            raise CheckpointError(f"{self.path}: truncated while reading {name!r}")
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(shape)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(name, tensor)`` one at a time."""
+        for name in self._entries:
+            yield name, self.get(name)
+
+
+def load_state_dict(
+    path: str | os.PathLike, keys: list[str] | None = None, storage_options: Mapping | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a whole (or part of a) safetensors file into memory.
+
+    Args:
+        path: Local path or fsspec URL.
+        keys: Only these tensors; every one must exist.
+        storage_options: fsspec options.
+
+    Returns:
+        Name → tensor.
+    """
+    f = SafetensorsFile(path, storage_options)
+    return {k: f.get(k) for k in (keys if keys is not None else f.keys())}
+
+
+def check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise if any floating tensor holds NaN or Inf.
+
+    Raises:
+        CheckpointError: Naming the file/context and the tensor.
+    """
+    for name, t in sd.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{where}: tensor {name!r} contains NaN or Inf")
+
+
+def save_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    path: str | os.PathLike,
+    metadata: Mapping[str, str] | None = None,
+    storage_options: Mapping | None = None,
+) -> None:
+    """Write safetensors atomically (temp file, then rename; a single PUT on object stores).
+
+    Args:
+        sd: Name → tensor.
+        path: Destination (local path or fsspec URL).
+        metadata: String metadata stored in the header.
+        storage_options: fsspec options.
+    """
+    data = st_save({k: v.contiguous() for k, v in sd.items()}, metadata=dict(metadata or {}))
+    write_bytes_atomic(path, data, storage_options)
+
+
+def write_bytes_atomic(
+    path: str | os.PathLike, data: bytes, storage_options: Mapping | None = None
+) -> None:
+    """Write bytes so readers see the old file or the new one, never a mix."""
+    fs, fpath = fsspec.core.url_to_fs(str(path), **(storage_options or {}))
+    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+        p = Path(fpath)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+            os.replace(tmp, p)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    else:
+        with fs.open(fpath, "wb") as f:  # object stores: one PUT, visible only when complete
+            f.write(data)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
+    """Write JSON (sorted keys, indented) atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Build a directory in a sibling temp dir, then swap it into place.
+
+    On success the finished directory replaces ``out``; on any error the temp dir is removed and
+    ``out`` is left as it was (old artifact or nothing), never half-written.
+
+    Yields:
+        The temp directory to fill.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual directory mode
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,24 @@
+"""Merge-method registry and the built-in methods.
+
+Adding a method = one module in this package + one line in the import block below (importing
+a method module registers it).
+"""
+
+from mergeflow.methods import (  # noqa: F401  (imported for their @register side effect)
+    breadcrumbs,
+    consensus,
+    dare,
+    task_arithmetic,
+    ties,
+)
+from mergeflow.methods.registry import (
+    MethodParams,
+    MethodSpec,
+    available,
+    describe_params,
+    get,
+    merge,
+    register,
+)
+
+__all__ = ["MethodParams", "MethodSpec", "available", "describe_params", "get", "merge", "register"]

@@ -1,0 +1,164 @@
+"""Expert fine-tuning: linear probe first, then full or LoRA fine-tuning (LP-FT).
+
+Heads start from a linear probe on the frozen base encoder (Kumar et al., "Fine-Tuning can Distort
+Pretrained Features and Underperform Out-of-Distribution", ICLR 2022): the encoder then moves less
+to fit a random head, which keeps task vectors small and mergeable, and gives the base model a fair
+head to be compared with.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mergeflow.models.hf import head_module
+from mergeflow.models.inference import Batches, tokenize
+
+
+@dataclass
+class TrainResult:
+    """What fine-tuning reports back."""
+
+    losses: list[float] = field(default_factory=list)
+    probe_train_accuracy: float | None = None
+
+
+def _head_inputs(model, batches: Batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen model once and capture what its head receives (per example)."""
+    head = head_module(model)
+    captured: list[torch.Tensor] = []
+    hook = head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    model.eval()
+    labels = []
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                model(**{k: v.to(device) for k, v in batch.inputs.items()})
+                labels.append(batch.labels)
+    finally:
+        hook.remove()
+    return torch.cat(captured).float(), torch.cat(labels)
+
+
+def linear_probe(
+    model, batches: Batches, *, epochs: int, device: torch.device, seed: int
+) -> float:
+    """Fit the classification head on frozen-encoder features (full-batch Adam).
+
+    Args:
+        model: A sequence classifier whose head is trained in place.
+        batches: Training batches (tokenized once).
+        epochs: Full-batch optimisation steps.
+        device: Where to compute.
+        seed: Seed for the head's re-initialisation.
+
+    Returns:
+        Training accuracy of the probe.
+    """
+    feats, labels = _head_inputs(model, batches, device)
+    head = head_module(model)
+    torch.manual_seed(seed)
+    for m in head.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+    head.train()
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    feats, labels = feats.to(device), labels.to(device)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(head(feats), labels)
+        loss.backward()
+        opt.step()
+    head.eval()
+    with torch.no_grad():
+        return float((head(feats).argmax(-1) == labels).float().mean())
+
+
+def finetune(
+    model,
+    tokenizer,
+    texts: list[str],
+    labels: list[int],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup_ratio: float,
+    max_length: int,
+    device: str | torch.device,
+    seed: int,
+    head_init: str = "linear_probe",
+    probe_epochs: int = 100,
+    progress: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Fine-tune every trainable parameter of ``model`` on (texts, labels).
+
+    Batches are drawn with a seeded generator (sampling with reshuffle per epoch), AdamW with linear
+    warm-up and linear decay; the same seed gives the same weights on the same hardware.
+
+    Args:
+        model: A sequence classifier (plain or peft-wrapped); trained in place.
+        tokenizer: Its tokenizer.
+        texts: Training texts.
+        labels: Integer labels.
+        steps: Optimizer steps.
+        batch_size: Examples per step.
+        lr: Peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of steps of linear warm-up.
+        max_length: Token truncation length.
+        device: ``cpu``, ``cuda``, ``cuda:1``...
+        seed: Seed for data order, dropout and head init.
+        head_init: ``linear_probe`` (LP-FT) or ``random``.
+        probe_epochs: Full-batch steps of the linear probe.
+        progress: Called with ``(step, loss)`` after each step.
+
+    Returns:
+        The loss curve and the probe's training accuracy.
+    """
+    device = torch.device(device)
+    model.to(device)
+    result = TrainResult()
+    if head_init == "linear_probe":
+        probe_batches = tokenize(tokenizer, texts, labels, max_length=max_length, batch_size=64)
+        result.probe_train_accuracy = linear_probe(
+            model, probe_batches, epochs=probe_epochs, device=device, seed=seed
+        )
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    y = torch.tensor(labels, dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    warm = max(1, int(math.ceil(warmup_ratio * steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    )
+    order = torch.randperm(len(texts), generator=gen)
+    pos = 0
+    model.train()
+    for step in range(steps):
+        if pos + batch_size > len(order):
+            order, pos = torch.randperm(len(texts), generator=gen), 0
+        idx = order[pos : pos + batch_size].tolist()
+        pos += batch_size
+        feats = tokenizer.pad(
+            {k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt"
+        )
+        out = model(**{k: v.to(device) for k, v in feats.items()}, labels=y[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        result.losses.append(float(out.loss.detach()))
+        if progress:
+            progress(step, result.losses[-1])
+    model.eval()
+    return result

@@ -1,0 +1,76 @@
+"""Stage ``masks``: TALL masks with λ_t chosen per task on validation, plus the consensus mask.
+
+TALL masks (Wang et al., "Localizing Task Information for Improved Model Merging and Compression",
+ICML 2024): m_t = 1[|τ_t| ≥ λ_t·|τ_MTL − τ_t|] with τ_MTL = Σ_t τ_t, so that
+θ_t ≈ θ_0 + m_t ⊙ τ_MTL. λ_t is picked from ``masks.lambdas`` by the task's validation accuracy
+of that reconstruction. The consensus mask keeps weights that at least k tasks' masks keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mergeflow import tensors
+from mergeflow.config import Params
+from mergeflow.io import atomic_dir, save_state_dict, write_json_atomic
+from mergeflow.masks import consensus_mask, pack_masks, tall_masks_from_vectors
+from mergeflow.pipeline.context import MergeContext
+from mergeflow.tracking import stage_run
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Inputs and outputs (from ``dvc.yaml``)."""
+
+    data: Path
+    base: Path
+    experts: Path
+    task_vectors: Path
+    out: Path
+
+
+def masked_expert(base: dict, mtl: dict, mask: dict) -> dict:
+    """θ_0 + m ⊙ τ_MTL (the TALL reconstruction of one expert)."""
+    return tensors.apply(base, {k: mtl[k] * mask[k] for k in mask}, 1.0)
+
+
+def density(mask: dict[str, torch.Tensor]) -> float:
+    """Fraction of ones in a mask over all its tensors."""
+    on = sum(int(m.sum()) for m in mask.values())
+    return on / max(1, sum(m.numel() for m in mask.values()))
+
+
+def run(cfg: Params, paths: Paths) -> dict:
+    """Pick λ_t per task on validation, save bit-packed TALL masks and the consensus mask."""
+    ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
+    val = ctx.batches(paths.data, "val")
+    mtl = tensors.sum_all(list(ctx.task_vectors.values()))
+    grid: dict[str, dict[str, float]] = {t: {} for t in ctx.tasks}
+    for lam in cfg.masks.lambdas:
+        masks = tall_masks_from_vectors(ctx.task_vectors, lam, mtl=mtl)
+        for t in ctx.tasks:
+            grid[t][str(lam)] = ctx.score(masked_expert(ctx.base, mtl, masks[t]), val, [t])[t]
+    chosen = {t: float(max(grid[t], key=lambda k: (grid[t][k], -float(k)))) for t in ctx.tasks}
+    masks = tall_masks_from_vectors(ctx.task_vectors, chosen, mtl=mtl)
+    cons = consensus_mask(masks, k=cfg.masks.consensus_k)
+    summary = {
+        "lambda": chosen, "val_accuracy_grid": grid,
+        "density": {t: density(m) for t, m in masks.items()},
+        "consensus_density": density(cons), "consensus_k": cfg.masks.consensus_k,
+    }
+    with stage_run("masks", {"masks": cfg.masks.model_dump(), "tasks": list(cfg.tasks)},
+                   inputs={"task_vectors": paths.task_vectors, "val": paths.data}) as tr:
+        tr.dataset("validation", "-", str(paths.data), "val: choose lambda_t")
+        with atomic_dir(paths.out) as tmp:
+            packed, meta = pack_masks(masks)
+            save_state_dict(packed, tmp / "tall_masks.safetensors", metadata=meta)
+            packed, meta = pack_masks({"consensus": cons})
+            save_state_dict(packed, tmp / "consensus_mask.safetensors", metadata=meta)
+            write_json_atomic(tmp / "masks.json", summary)
+        tr.metrics({"lambda": chosen, "density": summary["density"],
+                    "consensus_density": summary["consensus_density"]})
+        tr.outputs({"masks": paths.out})
+    return summary

@@ -1,0 +1,538 @@
+"""Unit tests for mergeflow.methods: closed forms, properties, and the per-method contract."""
+
+import dataclasses
+
+import pytest
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from mergeflow import methods
+from mergeflow.methods import dare as dare_mod
+from mergeflow.methods.registry import tensor_seed
+from mergeflow.tensors import MergeError
+
+REQUIRED = {"task_arithmetic", "ties", "dare", "consensus"}
+
+# ----------------------------------------------------------------------------- fixtures
+# Hand-checkable setup used by every closed-form test below.
+#   base  w = [[1, 2, 3, 4]]   v = [0, 0]   pos = [0, 1, 2] (int64, never merged)
+#   τ_A   w = [ 3,  -1,  0.5, 2   ]   v = [10,   8  ]
+#   τ_B   w = [-1,  -2,  1.5, 0   ]   v = [-0.2, 0.3]
+#   τ_C   w = [ 2,   1, -0.5, 0.25]   v = [0.05, -4 ]
+
+BASE_W = [[1.0, 2.0, 3.0, 4.0]]
+TAUS = {
+    "A": {"w": [[3.0, -1.0, 0.5, 2.0]], "v": [10.0, 8.0]},
+    "B": {"w": [[-1.0, -2.0, 1.5, 0.0]], "v": [-0.2, 0.3]},
+    "C": {"w": [[2.0, 1.0, -0.5, 0.25]], "v": [0.05, -4.0]},
+}
+
+
+def _base():
+    return {"w": torch.tensor(BASE_W), "v": torch.zeros(2), "pos": torch.arange(3)}
+
+
+def _experts(tasks=("A", "B", "C")):
+    b = _base()
+    return {
+        t: {
+            "w": b["w"] + torch.tensor(TAUS[t]["w"]),
+            "v": b["v"] + torch.tensor(TAUS[t]["v"]),
+            "pos": torch.arange(3),
+        }
+        for t in tasks
+    }
+
+
+def _close(out, **expected):
+    for k, v in expected.items():
+        torch.testing.assert_close(out[k], torch.tensor(v), rtol=1e-6, atol=1e-6)
+    assert torch.equal(out["pos"], torch.arange(3))
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_available_sorted_and_complete():
+    names = methods.available()
+    assert names == sorted(names)
+    assert REQUIRED <= set(names)
+
+
+def test_get_spec_shape():
+    for name in methods.available():
+        spec = methods.get(name)
+        assert spec.name == name
+        assert callable(spec.fn)
+        assert issubclass(spec.params_model, BaseModel)
+        assert spec.params_model.model_config["frozen"] is True
+        assert spec.params_model.model_config["extra"] == "forbid"
+        assert spec.paper and any(ch.isdigit() for ch in spec.paper)  # a year / arXiv id
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            spec.name = "x"
+
+
+def test_defaults_from_papers():
+    def d(name):
+        return methods.get(name).params_model()
+
+    assert d("task_arithmetic").scaling == 0.3 and d("task_arithmetic").weights is None
+    t = d("ties")
+    assert (t.density, t.scaling, t.scope) == (0.2, 1.0, "global")
+    p = d("dare")
+    assert (p.drop_rate, p.rescale, p.combine, p.scaling, p.seed) == (
+        0.9,
+        "inverse",
+        "task_arithmetic",
+        1.0,
+        0,
+    )
+    c = d("consensus")
+    assert (c.scaling, c.k, c.tall_lambda) == (0.3, 2, 0.4)
+
+
+def test_unknown_method_lists_available():
+    with pytest.raises(MergeError, match=r"unknown method 'nope'; available: .*ties"):
+        methods.get("nope")
+    with pytest.raises(MergeError, match=r"unknown method 'nope'"):
+        methods.merge("nope", _base(), _experts())
+
+
+def test_register_new_method_and_duplicate():
+    class P(BaseModel):
+        model_config = ConfigDict(frozen=True, extra="forbid")
+        shift: float = 0.0
+
+    @methods.register("_test_copy_base", P, paper="Nobody, 2099")
+    def copy_base(base, experts, params):
+        return {k: v.clone() for k, v in base.items()}
+
+    try:
+        assert "_test_copy_base" in methods.available()
+        out = methods.merge("_test_copy_base", _base(), _experts(), shift=1.0)
+        assert torch.equal(out["w"], _base()["w"])
+        with pytest.raises(ValueError, match="already registered"):
+
+            @methods.register("_test_copy_base", P, paper="x")
+            def other(base, experts, params):  # pragma: no cover
+                return base
+    finally:
+        from mergeflow.methods import registry
+
+        registry._REGISTRY.pop("_test_copy_base", None)
+
+
+def test_register_rejects_non_forbid_model():
+    class Loose(BaseModel):
+        x: int = 0
+
+    with pytest.raises(TypeError):
+        methods.register("_loose", Loose, paper="x")
+
+
+def test_merge_checks_method_output_contract():
+    class P(BaseModel):
+        model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @methods.register("_test_bad_dtype", P, paper="x")
+    def bad(base, experts, params):
+        return {k: v.double() if v.is_floating_point() else v for k, v in base.items()}
+
+    try:
+        with pytest.raises(MergeError, match="'w'"):
+            methods.merge("_test_bad_dtype", _base(), _experts())
+    finally:
+        from mergeflow.methods import registry
+
+        registry._REGISTRY.pop("_test_bad_dtype", None)
+
+
+# ----------------------------------------------------------------------------- closed forms
+
+
+def test_task_arithmetic_closed_form():
+    # Σ τ: w = [4, -2, 1.5, 2.25], v = [9.85, 4.3]; θ = θ_0 + 0.5 Σ τ
+    out = methods.merge("task_arithmetic", _base(), _experts(), scaling=0.5)
+    _close(out, w=[[3.0, 1.0, 3.75, 5.125]], v=[4.925, 2.15])
+
+
+def test_task_arithmetic_weights_closed_form():
+    # w: 1·τ_A − 1·τ_B + 0·τ_C = [4, 1, -1, 2];  v = [10.2, 7.7]
+    out = methods.merge(
+        "task_arithmetic", _base(), _experts(), scaling=1.0, weights={"A": 1, "B": -1, "C": 0}
+    )
+    _close(out, w=[[5.0, 3.0, 2.0, 6.0]], v=[10.2, 7.7])
+
+
+def test_task_arithmetic_weights_must_match_tasks():
+    with pytest.raises(MergeError, match="task 'C'"):
+        methods.merge("task_arithmetic", _base(), _experts(), weights={"A": 1, "B": 1})
+    with pytest.raises(MergeError, match="unknown task 'Z'"):
+        methods.merge(
+            "task_arithmetic", _base(), _experts(), weights={"A": 1, "B": 1, "C": 1, "Z": 1}
+        )
+
+
+def test_ties_tensor_scope_closed_form():
+    # density 0.5, per tensor. w (k=2): A -> [3,0,0,2]; B -> [0,-2,1.5,0]; C -> [2,1,0,0]
+    #   γ = sgn([5,-1,1.5,2]) = [+,-,+,+]; disjoint mean = [(3+2)/2, -2, 1.5, 2]
+    # v (k=1): A -> [10,0]; B -> [0,0.3]; C -> [0,-4]; γ = sgn([10,-3.7]) -> [10, -4]
+    out = methods.merge("ties", _base(), _experts(), density=0.5, scope="tensor", scaling=1.0)
+    _close(out, w=[[3.5, 0.0, 4.5, 6.0]], v=[10.0, -4.0])
+
+
+def test_ties_global_scope_closed_form():
+    # density 0.5 over the whole flattened τ_t (6 params, k=3 per task):
+    #   A keeps {10, 8, 3}: w [3,0,0,0] v [10,8]   (A's w entry 2 is trimmed: v dominates)
+    #   B keeps {2, 1.5, 1}: w [-1,-2,1.5,0] v [0,0]
+    #   C keeps {4, 2, 1}: w [2,1,0,0] v [0,-4]
+    # w: Σ = [4,-1,1.5,0] -> γ = [+,-,+,0]; τ_m = [(3+2)/2, -2, 1.5, 0]
+    # v: Σ = [10,4] -> γ = [+,+]; τ_m = [10, 8]
+    out = methods.merge("ties", _base(), _experts(), density=0.5, scope="global", scaling=1.0)
+    _close(out, w=[[3.5, 0.0, 4.5, 4.0]], v=[10.0, 8.0])
+    half = methods.merge("ties", _base(), _experts(), density=0.5, scope="global", scaling=0.5)
+    _close(half, w=[[2.25, 1.0, 3.75, 4.0]], v=[5.0, 4.0])
+
+
+def test_ties_global_default_is_global():
+    a = methods.merge("ties", _base(), _experts(), density=0.5)
+    b = methods.merge("ties", _base(), _experts(), density=0.5, scope="global")
+    assert torch.equal(a["w"], b["w"]) and torch.equal(a["v"], b["v"])
+
+
+FIXED_KEEP = {  # hand-picked DARE keep masks for tensor "w" (v keeps everything)
+    "A": [[True, False, True, True]],
+    "B": [[True, True, False, True]],
+    "C": [[False, True, True, True]],
+}
+
+
+@pytest.fixture
+def fixed_dare_masks(monkeypatch):
+    def fake_keep_mask(shape, drop_rate, seed, task, name):
+        if name == "w":
+            return torch.tensor(FIXED_KEEP[task])
+        return torch.ones(tuple(shape), dtype=torch.bool)
+
+    monkeypatch.setattr(dare_mod, "keep_mask", fake_keep_mask)
+
+
+def test_dare_closed_form_fixed_mask(fixed_dare_masks):
+    # p = 0.5 -> survivors ×2. w: A [6,0,1,4]; B [-2,-4,0,0]; C [0,2,-1,0.5]; Σ = [4,-2,0,4.5]
+    # v: all kept, ×2: Σ τ_v = [9.85, 4.3] -> [19.7, 8.6]
+    out = methods.merge("dare", _base(), _experts(), drop_rate=0.5, scaling=1.0)
+    _close(out, w=[[5.0, 0.0, 3.0, 8.5]], v=[19.7, 8.6])
+
+
+def test_dare_ties_closed_form_fixed_mask(fixed_dare_masks):
+    # Same rescaled w; γ = sgn([4,-2,0,4.5]) = [+,-,0,+]; τ_m = [6, -4, 0, (4+0.5)/2]
+    # v: A [20,16]; B [-0.4,0.6]; C [0.1,-8] -> γ = [+,+]; τ_m = [(20+0.1)/2, (16+0.6)/2]
+    out = methods.merge("dare", _base(), _experts(), drop_rate=0.5, combine="ties", scaling=1.0)
+    _close(out, w=[[7.0, -2.0, 3.0, 6.25]], v=[10.05, 8.3])
+
+
+def test_dare_l1_rescale_closed_form(fixed_dare_masks):
+    # l1: survivors scaled so ‖τ̃‖₁ = ‖τ‖₁ per task & tensor.
+    # A: ‖τ‖₁ = 6.5, kept [3,0,0.5,2] (‖·‖₁ = 5.5) -> ×6.5/5.5
+    # B: ‖τ‖₁ = 4.5, kept [-1,-2,0,0] (3)   -> ×1.5 -> [-1.5,-3,0,0]
+    # C: ‖τ‖₁ = 3.75, kept [0,1,-0.5,0.25] (1.75) -> ×3.75/1.75
+    a = torch.tensor([3.0, 0.0, 0.5, 2.0]) * (6.5 / 5.5)
+    b = torch.tensor([-1.5, -3.0, 0.0, 0.0])
+    c = torch.tensor([0.0, 1.0, -0.5, 0.25]) * (3.75 / 1.75)
+    expected_w = torch.tensor(BASE_W) + (a + b + c).view(1, 4)
+    out = methods.merge("dare", _base(), _experts(), drop_rate=0.5, rescale="l1", scaling=1.0)
+    torch.testing.assert_close(out["w"], expected_w)
+    _close(out, v=[9.85, 4.3])  # v keeps all -> ratio 1
+
+
+def test_dare_drop_and_rescale_helper():
+    tau = torch.tensor([3.0, -1.0, 0.5, 2.0])
+    keep = torch.tensor([True, False, True, False])
+    inv = dare_mod.drop_and_rescale(tau, keep, 0.5, "inverse")
+    torch.testing.assert_close(inv, torch.tensor([6.0, 0.0, 1.0, 0.0]))
+    l1 = dare_mod.drop_and_rescale(tau, keep, 0.5, "l1")
+    torch.testing.assert_close(l1, torch.tensor([3.0, 0.0, 0.5, 0.0]) * (6.5 / 3.5))
+    none = dare_mod.drop_and_rescale(tau, torch.zeros(4, dtype=torch.bool), 0.5, "l1")
+    assert torch.count_nonzero(none) == 0
+
+
+def test_dare_keep_mask_rate_and_determinism():
+    m1 = dare_mod.keep_mask((100, 100), 0.9, 0, "A", "w")
+    m2 = dare_mod.keep_mask((100, 100), 0.9, 0, "A", "w")
+    assert torch.equal(m1, m2)
+    assert abs(m1.float().mean().item() - 0.1) < 0.01
+    assert not torch.equal(m1, dare_mod.keep_mask((100, 100), 0.9, 1, "A", "w"))
+    assert not torch.equal(m1, dare_mod.keep_mask((100, 100), 0.9, 0, "B", "w"))
+    assert not torch.equal(m1, dare_mod.keep_mask((100, 100), 0.9, 0, "A", "v"))
+    assert tensor_seed(0, "A", "w") == tensor_seed(0, "A", "w") < 2**63
+
+
+def test_consensus_closed_form():
+    # τ_MTL(w) = [4,-2,1.5,2.25]; λ = 0.4
+    #   A: |τ_A| = [3,1,.5,2]   ≥ .4|MTL-τ_A| = .4[1,1,1,.25]   -> [1,1,1,1]
+    #   B: |τ_B| = [1,2,1.5,0]  ≥ .4|MTL-τ_B| = .4[5,0,0,2.25]  -> [0,1,1,0]
+    #   C: |τ_C| = [2,1,.5,.25] ≥ .4|MTL-τ_C| = .4[2,3,2,2]     -> [1,0,0,0]
+    #   counts [2,2,2,1] -> k=2 mask [1,1,1,0]; θ = θ_0 + 0.5·mask⊙MTL
+    # τ_MTL(v) = [9.85, 4.3]
+    #   A: [10,8] ≥ .4[0.15,3.7] -> [1,1]; B: [.2,.3] ≥ .4[10.05,4] -> [0,0]
+    #   C: [.05,4] ≥ .4[9.8,8.3] -> [0,1]; counts [1,2] -> mask [0,1]
+    out = methods.merge("consensus", _base(), _experts(), tall_lambda=0.4, k=2, scaling=0.5)
+    _close(out, w=[[3.0, 1.0, 3.75, 4.0]], v=[0.0, 2.15])
+    # k = 3: no weight is selected by all three tasks
+    out3 = methods.merge("consensus", _base(), _experts(), tall_lambda=0.4, k=3, scaling=0.5)
+    _close(out3, w=BASE_W, v=[0.0, 0.0])
+
+
+def test_consensus_per_task_lambda():
+    # λ_C = 0.3: C's entry 1 becomes 1 ≥ 0.9 -> counts(w) = [2,3,2,1]; k=3 keeps entry 1 only
+    lam = {"A": 0.4, "B": 0.4, "C": 0.3}
+    out = methods.merge("consensus", _base(), _experts(), tall_lambda=lam, k=3, scaling=1.0)
+    _close(out, w=[[1.0, 0.0, 3.0, 4.0]], v=[0.0, 0.0])
+    with pytest.raises(MergeError, match="task 'C'"):
+        methods.merge("consensus", _base(), _experts(), tall_lambda={"A": 0.4, "B": 0.4})
+
+
+def test_breadcrumbs_closed_form():
+    # beta=0.25, gamma=0.75 on 4 entries keeps magnitude ranks 1 and 2 of each τ_t (w):
+    #   A |.|=[3,1,.5,2] -> keep 1,2 -> [0,-1,0,2];   B [1,2,1.5,0] -> keep 1,1.5 -> [-1,0,1.5,0]
+    #   C [2,1,.5,.25] -> keep .5,1 -> [0,1,-.5,0];   Σ = [-1,0,1,2]
+    # v (2 entries): keep ranks [⌊.25·2⌋, ⌊.75·2⌋) = [0, 1), i.e. the smaller magnitude:
+    #   A [0,8]; B [-0.2,0]; C [0.05,0]; Σ = [-0.15, 8]
+    if "breadcrumbs" not in methods.available():
+        pytest.skip("breadcrumbs not registered")
+    out = methods.merge("breadcrumbs", _base(), _experts(), beta=0.25, gamma=0.75, scaling=1.0)
+    _close(out, w=[[0.0, 2.0, 4.0, 6.0]], v=[-0.15, 8.0])
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+def _random_setup(n_experts=3, seed=0, shape=(4, 5)):
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "w": torch.randn(shape, generator=g),
+        "s": torch.randn((), generator=g),
+        "ids": torch.arange(4),
+    }
+    experts = {
+        f"t{i}": {
+            "w": base["w"] + torch.randn(shape, generator=g),
+            "s": base["s"] + torch.randn((), generator=g),
+            "ids": torch.arange(4),
+        }
+        for i in range(n_experts)
+    }
+    return base, experts
+
+
+def test_ta_single_expert_scaling_one_is_expert():
+    base, experts = _random_setup(1)
+    out = methods.merge("task_arithmetic", base, experts, scaling=1.0)
+    for k in ("w", "s"):
+        torch.testing.assert_close(out[k], experts["t0"][k])
+
+
+def test_ta_scaling_zero_is_base():
+    base, experts = _random_setup(3)
+    out = methods.merge("task_arithmetic", base, experts, scaling=0.0)
+    for k in base:
+        assert torch.equal(out[k], base[k])
+
+
+@pytest.mark.parametrize("rescale", ["inverse", "l1"])
+def test_dare_p0_equals_ta(rescale):
+    base, experts = _random_setup(3)
+    ta = methods.merge("task_arithmetic", base, experts, scaling=0.7)
+    d = methods.merge("dare", base, experts, drop_rate=0.0, rescale=rescale, scaling=0.7)
+    for k in base:
+        torch.testing.assert_close(d[k], ta[k])
+
+
+def test_dare_mean_over_seeds_approaches_ta():
+    base, experts = _random_setup(3, shape=(64,))
+    ta = methods.merge("task_arithmetic", base, experts, scaling=1.0)["w"]
+    n_seeds = 400
+    acc = torch.zeros_like(ta)
+    for s in range(n_seeds):
+        acc += methods.merge("dare", base, experts, drop_rate=0.5, seed=s, scaling=1.0)["w"]
+    mean = acc / n_seeds
+    # per entry: Var(Σ_t τ̃_t) = Σ_t τ_t² · p/(1-p) = Σ_t τ_t² for p = 0.5
+    sq = sum((e["w"] - base["w"]) ** 2 for e in experts.values())
+    sigma = (sq / n_seeds).sqrt()
+    assert ((mean - ta).abs() <= 5 * sigma + 1e-5).all()
+    assert (mean - ta).abs().mean() < 0.15
+    # ...while one draw is far from TA
+    one = methods.merge("dare", base, experts, drop_rate=0.5, seed=0, scaling=1.0)["w"]
+    assert (one - ta).abs().mean() > 0.3
+
+
+def test_dare_deterministic_and_order_independent():
+    base, experts = _random_setup(3)
+    a = methods.merge("dare", base, experts, drop_rate=0.7, seed=3)
+    b = methods.merge("dare", base, experts, drop_rate=0.7, seed=3)
+    assert all(torch.equal(a[k], b[k]) for k in base)
+    c = methods.merge("dare", base, experts, drop_rate=0.7, seed=4)
+    assert not torch.equal(a["w"], c["w"])
+    rev_experts = dict(reversed(list(experts.items())))
+    rev_base = dict(reversed(list(base.items())))
+    r = methods.merge("dare", rev_base, rev_experts, drop_rate=0.7, seed=3)
+    assert list(r) == list(rev_base)
+    for k in base:
+        torch.testing.assert_close(r[k], a[k])
+
+
+def test_consensus_k1_lambda0_is_ta():
+    base, experts = _random_setup(4)
+    ta = methods.merge("task_arithmetic", base, experts, scaling=0.3)
+    c = methods.merge("consensus", base, experts, tall_lambda=0.0, k=1, scaling=0.3)
+    for k in base:
+        torch.testing.assert_close(c[k], ta[k])
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_ties_density1_agreeing_signs_is_mean(scope):
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(3, 4, generator=g), "ids": torch.arange(2)}
+    sign = torch.sign(torch.randn(3, 4, generator=g))
+    deltas = [sign * (torch.rand(3, 4, generator=g) + 0.1) for _ in range(4)]
+    experts = {f"t{i}": {"w": base["w"] + d, "ids": torch.arange(2)} for i, d in enumerate(deltas)}
+    out = methods.merge("ties", base, experts, density=1.0, scaling=0.8, scope=scope)
+    expected = base["w"] + 0.8 * torch.stack(deltas).mean(0)
+    torch.testing.assert_close(out["w"], expected)
+
+
+def test_ties_never_full_sorts(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("full sort used")
+
+    monkeypatch.setattr(torch, "sort", boom)
+    monkeypatch.setattr(torch, "argsort", boom)
+    base, experts = _random_setup(3)
+    for scope in ("tensor", "global"):
+        methods.merge("ties", base, experts, density=0.3, scope=scope)
+
+
+def test_inputs_not_mutated():
+    base, experts = _random_setup(3)
+    snap_b = {k: v.clone() for k, v in base.items()}
+    snap_e = {t: {k: v.clone() for k, v in sd.items()} for t, sd in experts.items()}
+    for name in methods.available():
+        methods.merge(name, base, experts)
+    assert all(torch.equal(base[k], snap_b[k]) for k in base)
+    for t in experts:
+        assert all(torch.equal(experts[t][k], snap_e[t][k]) for k in experts[t])
+
+
+def test_float16_overflow_is_reported():
+    base = {"w": torch.tensor([60000.0], dtype=torch.float16)}
+    experts = {"a": {"w": torch.tensor([65000.0], dtype=torch.float16)}}
+    with pytest.raises(MergeError, match="'w'.*float16"):
+        methods.merge("task_arithmetic", base, experts, scaling=2.0)
+
+
+# ----------------------------------------------------------------------------- contract table
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+OUT_OF_RANGE = {
+    "task_arithmetic": ("scaling", -0.1),
+    "ties": ("density", 0.0),
+    "dare": ("drop_rate", 1.0),
+    "consensus": ("k", -1),
+    "breadcrumbs": ("beta", 1.0),
+}
+
+
+def contract_state(dtype, n_experts, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"scale": (), "bias": (5,), "weight": (3, 4), "conv": (2, 3, 2)}
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    base["position_ids"] = torch.arange(7, dtype=torch.int64)
+    experts = {}
+    for i in range(n_experts):
+        sd = {
+            k: (base[k].float() + 0.1 * torch.randn(s, generator=g)).to(dtype)
+            for k, s in shapes.items()
+        }
+        sd["position_ids"] = torch.arange(7, dtype=torch.int64) + 100  # must NOT leak
+        experts[f"task{i}"] = sd
+    return base, experts
+
+
+@pytest.mark.parametrize("n_experts", [1, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_output(name, dtype, n_experts):
+    base, experts = contract_state(dtype, n_experts)
+    out = methods.merge(name, base, experts)
+    assert list(out) == list(base)
+    for k, b in base.items():
+        assert out[k].dtype == b.dtype, k
+        assert out[k].shape == b.shape, k
+        if b.is_floating_point():
+            assert torch.isfinite(out[k]).all(), k
+    assert torch.equal(out["position_ids"], base["position_ids"])
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_missing_key(name):
+    base, experts = contract_state(torch.float32, 2)
+    del experts["task1"]["conv"]
+    with pytest.raises(MergeError, match=r"task1.*'conv'"):
+        methods.merge(name, base, experts)
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_nan(name):
+    base, experts = contract_state(torch.float32, 2)
+    experts["task1"]["weight"][1, 2] = float("nan")
+    with pytest.raises(MergeError) as ei:
+        methods.merge(name, base, experts)
+    assert "task1" in str(ei.value) and "'weight'" in str(ei.value)
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_extra_key(name):
+    base, experts = contract_state(torch.float32, 2)
+    experts["task0"]["classifier.weight"] = torch.zeros(2, 2)
+    with pytest.raises(MergeError, match=r"task0.*'classifier.weight'"):
+        methods.merge(name, base, experts)
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_shape_mismatch(name):
+    base, experts = contract_state(torch.float32, 2)
+    experts["task0"]["weight"] = torch.zeros(4, 3)
+    with pytest.raises(MergeError, match=r"'weight'.*\(4, 3\).*\(3, 4\)"):
+        methods.merge(name, base, experts)
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_unknown_hyperparameter(name):
+    base, experts = contract_state(torch.float32, 2)
+    with pytest.raises(MergeError, match=r"unknown hyperparameter 'lamda'"):
+        methods.merge(name, base, experts, lamda=0.3)
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_out_of_range(name):
+    base, experts = contract_state(torch.float32, 2)
+    key, value = OUT_OF_RANGE.get(name, ("scaling", -1.0))
+    with pytest.raises(MergeError) as ei:
+        methods.merge(name, base, experts, **{key: value})
+    msg = str(ei.value)
+    assert f"'{key}'" in msg and "allowed" in msg
+    assert any(op in msg for op in ("<=", "<", ">=")), msg  # the range is spelled out
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_non_finite_hyperparameter(name):
+    base, experts = contract_state(torch.float32, 2)
+    with pytest.raises(MergeError, match="'scaling'"):
+        methods.merge(name, base, experts, scaling=float("inf"))
+
+
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_empty_experts(name):
+    base, _ = contract_state(torch.float32, 1)
+    with pytest.raises(MergeError, match="at least one"):
+        methods.merge(name, base, {})
