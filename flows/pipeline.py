@@ -36,8 +36,9 @@ def run_stage(name: str, root: str, flow_run_id: str) -> str:
     logger = get_run_logger()
     env = dict(os.environ, MERGEFLOW_FLOW_RUN_ID=flow_run_id)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.run([*_dvc(), "repro", "--single-item", name], cwd=root, env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*_dvc(), "repro", "--single-item", name], cwd=root, env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"stage {name} failed:\n{proc.stderr[-4000:] or proc.stdout[-4000:]}")
     skipped = "didn't change, skipping" in proc.stdout or "is cached - skipping" in proc.stdout

@@ -163,7 +163,9 @@ def parse_params(data: dict[str, Any], source: str = "params.yaml") -> Params:
         ConfigError: Naming every bad key, its value and what is allowed.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
     try:
         params = Params.model_validate(data)
     except ValidationError as err:
@@ -175,7 +177,7 @@ def parse_params(data: dict[str, Any], source: str = "params.yaml") -> Params:
 def _check_known_names(params: Params, source: str) -> None:
     from mergeflow import data, methods
 
-    known = set(data.available_tasks())
+    known = set(data.available_tasks(include_optional=True))
     for t in params.tasks:
         if t not in known:
             raise ConfigError(

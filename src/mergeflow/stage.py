@@ -23,8 +23,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from mergeflow.models.hf import ModelError
     from mergeflow.tensors import MergeError
 
-    return (ConfigError, DataError, CheckpointError, ModelError, MergeError, ArchiveError,
-            FileNotFoundError, ValueError)
+    return (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        ModelError,
+        MergeError,
+        ArchiveError,
+        FileNotFoundError,
+        ValueError,
+    )
 
 
 def main(run: Callable, paths_cls: type, argv: list[str] | None = None) -> None:
@@ -37,8 +45,9 @@ def main(run: Callable, paths_cls: type, argv: list[str] | None = None) -> None:
     try:
         cfg = load_params(args.pop("params"))
         kinds = {f.name: f.type for f in dataclasses.fields(paths_cls)}
-        paths = paths_cls(**{k: (Path(v) if kinds[k] in (Path, "Path") else v)
-                             for k, v in args.items()})
+        paths = paths_cls(
+            **{k: (Path(v) if kinds[k] in (Path, "Path") else v) for k, v in args.items()}
+        )
         run(cfg, paths)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)

@@ -103,8 +103,14 @@ def check_compatible(
             or the task and tensor holding NaN/Inf.
 
     """
-    if not isinstance(experts, Mapping) or len(experts) == 0:
+    if not isinstance(experts, Mapping):
+        raise MergeError(
+            f"experts must be a mapping task name -> state dict, got {type(experts).__name__}"
+        )
+    if len(experts) == 0:
         raise MergeError("no experts given: merging needs at least one fine-tuned expert")
+    if not isinstance(base, Mapping):
+        raise MergeError(f"base must be a state dict (mapping), got {type(base).__name__}")
     for name, t in base.items():
         if not isinstance(t, torch.Tensor):
             raise MergeError(f"base: value for '{name}' is {type(t).__name__}, not a tensor")

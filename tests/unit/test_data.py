@@ -27,6 +27,7 @@ from mergeflow.data import (
     read_split,
     register_local_task,
     register_task,
+    sources,
     unregister_task,
     write_splits,
 )
@@ -452,6 +453,33 @@ def test_extract_members_errors(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="not in the cache"):
         fetch_package(src, tmp_path)
     assert not (tmp_path / "packages" / src.filename).exists()
+
+
+def test_fetch_package_downloads_verifies_and_records(tmp_path, monkeypatch):
+    payload = b"pretend wheel"
+    src = PackageSource("dl", "1.0", "dl-1.0-py3-none-any.whl", hashlib.sha256(payload).hexdigest())
+    calls = []
+
+    def fake_pip_download(source, dest):
+        calls.append(source.requirement)
+        (dest / source.filename).write_bytes(payload)
+        return dest / source.filename
+
+    monkeypatch.setattr(sources, "_pip_download", fake_pip_download)
+    packages = tmp_path / "packages"
+    (packages / ".download-dl-1.0-killed").mkdir(parents=True)  # leftover of a killed run
+    path = fetch_package(src, tmp_path)
+    assert path == packages / src.filename and path.read_bytes() == payload
+    assert recorded_sha256(src, tmp_path) == src.sha256
+    assert not list(packages.glob(".download-*"))
+    fetch_package(src, tmp_path)
+    assert calls == ["dl==1.0"]  # cached: no second download
+
+    bad = PackageSource("dl2", "1.0", "dl2-1.0-py3-none-any.whl", "0" * 64)
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        fetch_package(bad, tmp_path)
+    assert not (packages / bad.filename).exists()
+    assert not list(packages.glob(".download-*"))
 
 
 def _extract_worker(args):

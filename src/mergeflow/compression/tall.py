@@ -85,7 +85,9 @@ def iter_task(archive: str | Path, task: str) -> Iterator[tuple[str, torch.Tenso
     """Yield θ_t's encoder tensors one at a time: θ_0 + m_t ⊙ τ_MTL (peak memory ≈ one tensor)."""
     archive = Path(archive)
     if task not in tasks_in(archive):
-        raise ArchiveError(f"{archive}: task {task!r} is not in the archive; has {tasks_in(archive)}")
+        raise ArchiveError(
+            f"{archive}: task {task!r} is not in the archive; has {tasks_in(archive)}"
+        )
     base = SafetensorsFile(archive / "base.safetensors")
     mtl = SafetensorsFile(archive / "mtl.safetensors")
     masks = SafetensorsFile(archive / "masks.safetensors")

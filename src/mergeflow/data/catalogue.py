@@ -608,8 +608,8 @@ declare_members(BIGBENCH, _FEVER_MEMBER, _POLITIFACT_MEMBER, _VITAMINC_MEMBER)
     name="fever",
     label_names=("false", "true"),
     licence=(
-        f"{_BIGBENCH_LICENCE_NOTE}. FEVER itself is distributed by its authors under CC BY-SA "
-        "3.0 (Wikipedia-derived) - check before commercial use"
+        f"{_BIGBENCH_LICENCE_NOTE}. FEVER upstream: dataset card lists CC BY-SA 3.0 (and "
+        "GPL-3.0), Wikipedia-derived - check before commercial use"
     ),
     source=f"bigbench==1.0.0 (sdist):{_FEVER_MEMBER}",
     description="FEVER claims (prompt template stripped): is the claim true or false?",
@@ -644,8 +644,8 @@ _VITAMINC_MAP = {"True": 0, "False": 1, "Neither": 2}
     name="vitaminc",
     label_names=("supports", "refutes", "not_enough_info"),
     licence=(
-        f"{_BIGBENCH_LICENCE_NOTE}. VitaminC itself: Wikipedia-derived; its authors publish it "
-        "under CC BY-SA 3.0 - check before commercial use"
+        f"{_BIGBENCH_LICENCE_NOTE}. VitaminC upstream LICENSE: Wikipedia material under the "
+        "article licence terms, otherwise CC BY-SA 3.0 - check before commercial use"
     ),
     source=f"bigbench==1.0.0 (sdist):{_VITAMINC_MEMBER}",
     description=(

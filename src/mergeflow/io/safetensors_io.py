@@ -104,7 +104,9 @@ class SafetensorsFile:
                 shape = tuple(int(s) for s in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed entry") from None
+                raise CheckpointError(
+                    f"{self.path}: tensor {name!r} has a malformed entry"
+                ) from None
             nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if begin < 0 or end - begin != nbytes or self._data_start + end > size:
                 raise CheckpointError(

@@ -91,7 +91,7 @@ def split_state_dict(
     p = prefix + "."
     for k, v in model_sd.items():
         if k.startswith(p):
-            enc[k[len(p):]] = v
+            enc[k[len(p) :]] = v
         else:
             head[k] = v
     return enc, head
@@ -101,9 +101,7 @@ def head_module(model) -> torch.nn.Module:
     """The trainable head of a sequence classifier (``classifier``, ``score``, ...)."""
     base = model.base_model
     heads = [
-        m
-        for n, m in model.named_children()
-        if m is not base and any(True for _ in m.parameters())
+        m for n, m in model.named_children() if m is not base and any(True for _ in m.parameters())
     ]
     if len(heads) != 1:
         raise ModelError(f"cannot find a single classification head in {type(model).__name__}")

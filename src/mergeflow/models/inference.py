@@ -51,13 +51,17 @@ def tokenize(
     out = []
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
-        feats = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt")
+        feats = tokenizer.pad(
+            {k: [enc[k][i] for i in idx] for k in enc.keys()}, return_tensors="pt"
+        )
         out.append(Batch(dict(feats), torch.tensor([labels[i] for i in idx], dtype=torch.long)))
     return Batches(out)
 
 
 @torch.inference_mode()
-def predict(model, batches: Batches, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def predict(
+    model, batches: Batches, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true labels over all batches (model in eval mode)."""
     model.eval()
     preds, gold = [], []

@@ -27,7 +27,9 @@ class TrainResult:
     probe_train_accuracy: float | None = None
 
 
-def _head_inputs(model, batches: Batches, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _head_inputs(
+    model, batches: Batches, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen model once and capture what its head receives (per example)."""
     head = head_module(model)
     captured: list[torch.Tensor] = []
@@ -44,9 +46,7 @@ def _head_inputs(model, batches: Batches, device: torch.device) -> tuple[torch.T
     return torch.cat(captured).float(), torch.cat(labels)
 
 
-def linear_probe(
-    model, batches: Batches, *, epochs: int, device: torch.device, seed: int
-) -> float:
+def linear_probe(model, batches: Batches, *, epochs: int, device: torch.device, seed: int) -> float:
     """Fit the classification head on frozen-encoder features (full-batch Adam).
 
     Args:

@@ -57,9 +57,11 @@ def run(cfg: Params, paths: Paths) -> dict:
             rows.append({"method": name, "scaling": lam, "val_mean_accuracy": scores[lam]})
         best = max(scores, key=lambda lam: (scores[lam], -lam))
         result[name] = {"scaling": best, "val_mean_accuracy": scores[best], "hyperparams": hp}
-    with stage_run("coefficients", {"coefficients": cfg.coefficients.model_dump(),
-                                    "evaluate.methods": cfg.evaluate.methods},
-                   inputs={"task_vectors": paths.task_vectors, "masks": paths.masks}) as tr:
+    with stage_run(
+        "coefficients",
+        {"coefficients": cfg.coefficients.model_dump(), "evaluate.methods": cfg.evaluate.methods},
+        inputs={"task_vectors": paths.task_vectors, "masks": paths.masks},
+    ) as tr:
         tr.dataset("validation", "-", str(paths.data), "val: grid search of scaling")
         with atomic_dir(paths.out) as tmp:
             write_json_atomic(tmp / "coefficients.json", result)

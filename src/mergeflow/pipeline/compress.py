@@ -10,7 +10,10 @@ from mergeflow.compression import archive_bytes, write_archive
 from mergeflow.config import Params
 from mergeflow.io import write_json_atomic
 from mergeflow.pipeline.artifacts import (
-    expert_prefix, load_expert, load_task_vectors, weights_file,
+    expert_prefix,
+    load_expert,
+    load_task_vectors,
+    weights_file,
 )
 from mergeflow.tracking import stage_run
 
@@ -35,14 +38,24 @@ def run(cfg: Params, paths: Paths) -> dict:
     for t in tasks:
         d = Path(paths.experts) / t
         heads[t] = load_expert(d, expert_prefix(d))[1]
-    with stage_run("compress", {"tasks": tasks},
-                   inputs={"base": paths.base, "masks": paths.masks}) as tr:
-        write_archive(paths.out, weights_file(paths.base), mtl,
-                      Path(paths.masks) / "tall_masks.safetensors", heads)
+    with stage_run(
+        "compress", {"tasks": tasks}, inputs={"base": paths.base, "masks": paths.masks}
+    ) as tr:
+        write_archive(
+            paths.out,
+            weights_file(paths.base),
+            mtl,
+            Path(paths.masks) / "tall_masks.safetensors",
+            heads,
+        )
         experts_bytes = sum(weights_file(Path(paths.experts) / t).stat().st_size for t in tasks)
         compressed = archive_bytes(paths.out)
-        metrics = {"bytes_compressed": compressed, "bytes_experts": experts_bytes,
-                   "ratio": compressed / experts_bytes, "n_tasks": len(tasks)}
+        metrics = {
+            "bytes_compressed": compressed,
+            "bytes_experts": experts_bytes,
+            "ratio": compressed / experts_bytes,
+            "n_tasks": len(tasks),
+        }
         write_json_atomic(paths.metrics, metrics)
         tr.metrics(metrics)
         tr.outputs({"archive": paths.out})

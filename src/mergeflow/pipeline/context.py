@@ -32,10 +32,13 @@ class MergeContext:
 
         tasks = list(cfg.tasks)
         models = {
-            t: AutoModelForSequenceClassification.from_pretrained(Path(experts_dir) / t) for t in tasks
+            t: AutoModelForSequenceClassification.from_pretrained(Path(experts_dir) / t)
+            for t in tasks
         }
         return cls(
-            cfg=cfg, tasks=tasks, base=load_base_encoder(base_dir),
+            cfg=cfg,
+            tasks=tasks,
+            base=load_base_encoder(base_dir),
             task_vectors=load_task_vectors(tv_dir, tasks),
             models=TaskModels(models, cfg.device),
             tokenizer=AutoTokenizer.from_pretrained(base_dir),
@@ -43,11 +46,21 @@ class MergeContext:
 
     def batches(self, data_root: Path, split: str) -> dict[str, Batches]:
         """Tokenized ``split`` of every task."""
-        return task_batches(data_root, self.tasks, split, self.tokenizer,
-                            self.cfg.base_model.max_length, self.cfg.evaluate.batch_size)
+        return task_batches(
+            data_root,
+            self.tasks,
+            split,
+            self.tokenizer,
+            self.cfg.base_model.max_length,
+            self.cfg.evaluate.batch_size,
+        )
 
-    def score(self, encoder: dict[str, torch.Tensor], batches: dict[str, Batches],
-              tasks: list[str] | None = None) -> dict[str, float]:
+    def score(
+        self,
+        encoder: dict[str, torch.Tensor],
+        batches: dict[str, Batches],
+        tasks: list[str] | None = None,
+    ) -> dict[str, float]:
         """Accuracy per task with ``encoder`` under every task's own head."""
         tasks = tasks or self.tasks
         self.models.set_encoder(encoder, tasks)

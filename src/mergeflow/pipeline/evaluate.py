@@ -15,7 +15,7 @@ from pathlib import Path
 from mergeflow import compression, methods
 from mergeflow.config import Params
 from mergeflow.io import write_bytes_atomic, write_json_atomic
-from mergeflow.pipeline.artifacts import experts_from_vectors, expert_prefix, load_expert
+from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
 from mergeflow.pipeline.context import MergeContext
 from mergeflow.tracking import stage_run
 
@@ -43,7 +43,8 @@ def summarize(per_task: dict[str, dict[str, float]], expert: dict[str, float]) -
         out[row] = {
             "mean_accuracy": sum(accs.values()) / len(accs),
             "mean_normalized": sum(norm.values()) / len(norm),
-            "accuracy": accs, "normalized": norm,
+            "accuracy": accs,
+            "normalized": norm,
         }
     return out
 
@@ -53,7 +54,8 @@ def markdown_table(summary: dict, tasks: list[str]) -> str:
     head = "| model | " + " | ".join(tasks) + " | mean acc | mean normalized |\n"
     head += "|---" * (len(tasks) + 3) + "|\n"
     lines = [
-        f"| {row} | " + " | ".join(f"{s['accuracy'][t]:.3f}" for t in tasks)
+        f"| {row} | "
+        + " | ".join(f"{s['accuracy'][t]:.3f}" for t in tasks)
         + f" | {s['mean_accuracy']:.3f} | {s['mean_normalized']:.3f} |"
         for row, s in summary.items()
     ]
@@ -81,22 +83,41 @@ def run(cfg: Params, paths: Paths) -> dict:
     w.writeheader()
     for row, s in summary.items():
         for t in ctx.tasks:
-            w.writerow({"model": row, "task": t, "accuracy": round(s["accuracy"][t], 4),
-                        "normalized": round(s["normalized"][t], 4)})
-    report = (f"# mergeflow evaluation\n\nTest accuracy per task ({len(ctx.tasks)} tasks; "
-              f"scalings chosen on validation: "
-              + ", ".join(f"{m} λ={c['scaling']}" for m, c in coef.items()) + ").\n\n"
-              + markdown_table(summary, ctx.tasks))
-    with stage_run("evaluate", {"tasks": ctx.tasks, "coefficients": coef},
-                   inputs={"coefficients": paths.coefficients, "compressed": paths.compressed,
-                           "test": paths.data}) as tr:
+            w.writerow(
+                {
+                    "model": row,
+                    "task": t,
+                    "accuracy": round(s["accuracy"][t], 4),
+                    "normalized": round(s["normalized"][t], 4),
+                }
+            )
+    report = (
+        f"# mergeflow evaluation\n\nTest accuracy per task ({len(ctx.tasks)} tasks; "
+        f"scalings chosen on validation: "
+        + ", ".join(f"{m} λ={c['scaling']}" for m, c in coef.items())
+        + ").\n\n"
+        + markdown_table(summary, ctx.tasks)
+    )
+    with stage_run(
+        "evaluate",
+        {"tasks": ctx.tasks, "coefficients": coef},
+        inputs={
+            "coefficients": paths.coefficients,
+            "compressed": paths.compressed,
+            "test": paths.data,
+        },
+    ) as tr:
         tr.dataset("test", "-", str(paths.data), "test: final evaluation only")
         write_json_atomic(paths.metrics, summary)
         write_bytes_atomic(paths.plot, buf.getvalue().encode())
         write_bytes_atomic(paths.report, report.encode())
         for row, s in summary.items():
-            tr.metrics({f"{row}.mean_accuracy": s["mean_accuracy"],
-                        f"{row}.mean_normalized": s["mean_normalized"]})
+            tr.metrics(
+                {
+                    f"{row}.mean_accuracy": s["mean_accuracy"],
+                    f"{row}.mean_normalized": s["mean_normalized"],
+                }
+            )
         tr.artifact(paths.report)
         tr.outputs({"metrics": paths.metrics})
     return summary

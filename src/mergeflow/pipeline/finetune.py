@@ -45,15 +45,33 @@ def run(cfg: Params, paths: Paths) -> dict:
     head_name = next(n for n, m in model.named_children() if m is head_module(model))
     ft = cfg.finetune
     trained = wrap_lora(model, ft.lora, head_name) if ft.mode == "lora" else model
-    params = {"seed": cfg.seed, "finetune": ft.model_dump(), "base_model": cfg.base_model.model_dump()}
-    with stage_run(f"finetune@{paths.task}", params, inputs={"data": paths.data, "base": paths.base},
-                   tags={"task": paths.task}) as tr:
+    params = {
+        "seed": cfg.seed,
+        "finetune": ft.model_dump(),
+        "base_model": cfg.base_model.model_dump(),
+    }
+    with stage_run(
+        f"finetune@{paths.task}",
+        params,
+        inputs={"data": paths.data, "base": paths.base},
+        tags={"task": paths.task},
+    ) as tr:
         bar = tqdm(total=ft.steps, desc=f"finetune {paths.task}", unit="step")
         res = finetune(
-            trained, tok, texts, labels, steps=ft.steps, batch_size=ft.batch_size, lr=ft.lr,
-            weight_decay=ft.weight_decay, warmup_ratio=ft.warmup_ratio,
-            max_length=cfg.base_model.max_length, device=cfg.device, seed=cfg.seed,
-            head_init=ft.head_init, probe_epochs=ft.probe_epochs,
+            trained,
+            tok,
+            texts,
+            labels,
+            steps=ft.steps,
+            batch_size=ft.batch_size,
+            lr=ft.lr,
+            weight_decay=ft.weight_decay,
+            warmup_ratio=ft.warmup_ratio,
+            max_length=cfg.base_model.max_length,
+            device=cfg.device,
+            seed=cfg.seed,
+            head_init=ft.head_init,
+            probe_epochs=ft.probe_epochs,
             progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
         )
         bar.close()
@@ -72,12 +90,19 @@ def run(cfg: Params, paths: Paths) -> dict:
                 tokenize(tok, vtexts, vlabels, max_length=cfg.base_model.max_length, batch_size=64),
                 cfg.device,
             )
-            write_json_atomic(tmp / "expert.json", {
-                "task": paths.task, "encoder_prefix": prefix, "mode": ft.mode,
-                "label_names": list(names), "val_accuracy": val_acc,
-            })
+            write_json_atomic(
+                tmp / "expert.json",
+                {
+                    "task": paths.task,
+                    "encoder_prefix": prefix,
+                    "mode": ft.mode,
+                    "label_names": list(names),
+                    "val_accuracy": val_acc,
+                },
+            )
         metrics = {
-            "val_accuracy": val_acc, "final_train_loss": res.losses[-1],
+            "val_accuracy": val_acc,
+            "final_train_loss": res.losses[-1],
             "probe_train_accuracy": res.probe_train_accuracy,
         }
         write_json_atomic(paths.metrics, metrics)

@@ -57,12 +57,17 @@ def run(cfg: Params, paths: Paths) -> dict:
     masks = tall_masks_from_vectors(ctx.task_vectors, chosen, mtl=mtl)
     cons = consensus_mask(masks, k=cfg.masks.consensus_k)
     summary = {
-        "lambda": chosen, "val_accuracy_grid": grid,
+        "lambda": chosen,
+        "val_accuracy_grid": grid,
         "density": {t: density(m) for t, m in masks.items()},
-        "consensus_density": density(cons), "consensus_k": cfg.masks.consensus_k,
+        "consensus_density": density(cons),
+        "consensus_k": cfg.masks.consensus_k,
     }
-    with stage_run("masks", {"masks": cfg.masks.model_dump(), "tasks": list(cfg.tasks)},
-                   inputs={"task_vectors": paths.task_vectors, "val": paths.data}) as tr:
+    with stage_run(
+        "masks",
+        {"masks": cfg.masks.model_dump(), "tasks": list(cfg.tasks)},
+        inputs={"task_vectors": paths.task_vectors, "val": paths.data},
+    ) as tr:
         tr.dataset("validation", "-", str(paths.data), "val: choose lambda_t")
         with atomic_dir(paths.out) as tmp:
             packed, meta = pack_masks(masks)
@@ -70,7 +75,12 @@ def run(cfg: Params, paths: Paths) -> dict:
             packed, meta = pack_masks({"consensus": cons})
             save_state_dict(packed, tmp / "consensus_mask.safetensors", metadata=meta)
             write_json_atomic(tmp / "masks.json", summary)
-        tr.metrics({"lambda": chosen, "density": summary["density"],
-                    "consensus_density": summary["consensus_density"]})
+        tr.metrics(
+            {
+                "lambda": chosen,
+                "density": summary["density"],
+                "consensus_density": summary["consensus_density"],
+            }
+        )
         tr.outputs({"masks": paths.out})
     return summary

@@ -23,15 +23,27 @@ def run(cfg: Params, paths: Paths) -> dict:
     spec = data.get_task(paths.task)
     texts, labels, names = data.load_task(paths.task)
     splits = data.make_splits(
-        texts, labels, seed=cfg.seed,
-        n_train=cfg.data.n_train, n_val=cfg.data.n_val, n_test=cfg.data.n_test,
+        texts,
+        labels,
+        seed=cfg.seed,
+        n_train=cfg.data.n_train,
+        n_val=cfg.data.n_val,
+        n_test=cfg.data.n_test,
     )
     with stage_run(
-        f"prepare@{paths.task}", {"seed": cfg.seed, "data": cfg.data.model_dump()},
+        f"prepare@{paths.task}",
+        {"seed": cfg.seed, "data": cfg.data.model_dump()},
         tags={"task": paths.task, "source": spec.source},
     ) as tr:
         meta = data.write_splits(
-            Path(paths.out), splits, spec=spec, extra_meta={"seed": cfg.seed, "corpus_size": len(texts)}
+            Path(paths.out),
+            splits,
+            spec=spec,
+            extra_meta={
+                "seed": cfg.seed,
+                "corpus_size": len(texts),
+                "provenance": data.task_provenance(paths.task),
+            },
         )
         for split, digest in meta["sha256"].items():
             tr.dataset(paths.task, digest, str(Path(paths.out) / f"{split}.jsonl"), split)

@@ -32,8 +32,14 @@ def expert_task_vector(base: dict[str, torch.Tensor], expert_dir: Path) -> dict[
         delta = lora_delta(sd, cfg, prefix)
         unknown = sorted(set(delta) - set(base))
         if unknown:
-            raise tensors.MergeError(f"{expert_dir}: LoRA targets tensors not in the base: {unknown[:3]}")
-        return {k: delta.get(k, torch.zeros(v.shape)) for k, v in base.items() if tensors.is_mergeable(k, v)}
+            raise tensors.MergeError(
+                f"{expert_dir}: LoRA targets tensors not in the base: {unknown[:3]}"
+            )
+        return {
+            k: delta.get(k, torch.zeros(v.shape))
+            for k, v in base.items()
+            if tensors.is_mergeable(k, v)
+        }
     enc, _ = load_expert(expert_dir, prefix)
     tensors.check_compatible(base, {expert_dir.name: enc})
     return tensors.task_vector(base, enc)
@@ -43,13 +49,18 @@ def run(cfg: Params, paths: Paths) -> None:
     """Write ``<out>/<task>.safetensors`` for every task in ``cfg.tasks``."""
     base = load_base_encoder(paths.base)
     params = {"tasks": list(cfg.tasks), "finetune.mode": cfg.finetune.mode}
-    with stage_run("task_vectors", params,
-                   inputs={"base": paths.base, "experts": paths.experts}) as tr:
+    with stage_run(
+        "task_vectors", params, inputs={"base": paths.base, "experts": paths.experts}
+    ) as tr:
         norms = {}
         with atomic_dir(paths.out) as tmp:
             for t in cfg.tasks:
                 tv = expert_task_vector(base, Path(paths.experts) / t)
-                norms[f"norm.{t}"] = float(torch.sqrt(sum((v.float() ** 2).sum() for v in tv.values())))
-                save_state_dict(tv, tmp / f"{t}.safetensors", metadata={"task": t, "kind": "task_vector"})
+                norms[f"norm.{t}"] = float(
+                    torch.sqrt(sum((v.float() ** 2).sum() for v in tv.values()))
+                )
+                save_state_dict(
+                    tv, tmp / f"{t}.safetensors", metadata={"task": t, "kind": "task_vector"}
+                )
         tr.metrics(norms)
         tr.outputs({"task_vectors": paths.out})

@@ -1,0 +1,127 @@
+"""The whole pipeline on the ci-size config: dvc repro, outputs, lineage, idempotence."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mergeflow import compression, masks
+from mergeflow.io import load_state_dict
+from tests.conftest import BIN, dvc, make_workspace
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
+    ws = ci_workspace
+    tasks = yaml.safe_load((ws / "params.yaml").read_text())["tasks"]
+    for t in tasks:
+        meta = json.loads((ws / "data/tasks" / t / "meta.json").read_text())
+        assert set(meta["sha256"]) == {"train", "val", "test"}
+        assert (ws / "models/experts" / t / "model.safetensors").is_file()
+        assert (ws / "artifacts/task_vectors" / f"{t}.safetensors").is_file()
+    summary = json.loads((ws / "artifacts/masks/masks.json").read_text())
+    assert set(summary["lambda"]) == set(tasks)
+    coef = json.loads((ws / "artifacts/coefficients/coefficients.json").read_text())
+    assert set(coef) == {"task_arithmetic", "ties", "consensus"}
+    comp = json.loads((ws / "metrics/compress.json").read_text())
+    assert comp["bytes_compressed"] > 0 and comp["n_tasks"] == len(tasks)
+    ev = json.loads((ws / "metrics/eval.json").read_text())
+    for row in ("expert", "base", "task_arithmetic", "ties", "consensus", "tall_masks"):
+        assert set(ev[row]["accuracy"]) == set(tasks)
+        assert all(0.0 <= a <= 1.0 for a in ev[row]["accuracy"].values())
+    assert ev["expert"]["mean_normalized"] == pytest.approx(1.0)
+    assert (ws / "reports/summary.md").read_text().count("\n|") >= 7
+
+
+def test_tall_archive_reconstructs_masked_experts_exactly(ci_workspace: Path):
+    ws = ci_workspace
+    task = yaml.safe_load((ws / "params.yaml").read_text())["tasks"][0]
+    packed = ws / "artifacts/masks/tall_masks.safetensors"
+    from mergeflow.io import SafetensorsFile
+
+    f = SafetensorsFile(packed)
+    m = masks.unpack_masks(dict(f.items()), f.metadata)[task]
+    base = load_state_dict(ws / "models/base/model.safetensors")
+    mtl = load_state_dict(ws / "artifacts/compressed/mtl.safetensors")
+    enc, head = compression.load(ws / "artifacts/compressed", task)
+    for k, v in base.items():
+        if k in m:
+            expected = (v.float() + m[k].float() * mtl[k].float()).to(v.dtype)
+            assert enc[k].equal(expected), k
+        else:
+            assert enc[k].equal(v), k
+    assert "classifier.weight" in head
+
+
+def test_second_repro_does_nothing_fast(ci_workspace: Path):
+    t0 = time.monotonic()
+    proc = dvc(ci_workspace, "repro")
+    assert time.monotonic() - t0 < 15
+    assert "Running stage" not in proc.stdout
+    assert "up to date" in proc.stdout
+
+
+def test_mlflow_records_lineage_per_stage(ci_workspace: Path):
+    db = ci_workspace / "mlflow.db"
+    con = sqlite3.connect(db)
+    names = {r[0] for r in con.execute("select name from runs")}
+    assert {"base", "task_vectors", "masks", "coefficients", "compress", "evaluate"} <= names
+    assert any(n.startswith("finetune@") for n in names)
+    tags = dict(
+        con.execute(
+            "select t.key, t.value from tags t join runs r on r.run_uuid=t.run_uuid "
+            "where r.name='evaluate'"
+        ).fetchall()
+    )
+    assert len(tags["mlflow.source.git.commit"]) >= 40
+    assert "input.coefficients.md5" in tags and "output.metrics.md5" in tags
+    metrics = {
+        r[0]
+        for r in con.execute(
+            "select m.key from metrics m join runs r on r.run_uuid=m.run_uuid where r.name='evaluate'"
+        )
+    }
+    assert "task_arithmetic.mean_normalized" in metrics
+    params = {
+        r[0]
+        for r in con.execute(
+            "select p.key from params p join runs r on r.run_uuid=p.run_uuid where r.name like 'finetune@%'"
+        )
+    }
+    assert "finetune.lr" in params
+    inputs = con.execute("select count(*) from inputs").fetchone()[0]
+    assert inputs > 0
+
+
+def test_bad_params_fail_clearly_without_outputs(tmp_path: Path):
+    ws = make_workspace(tmp_path, {"finetune": {"steps": -3}, "tasks": ["rotten_tomatoes"]})
+    proc = subprocess.run(
+        [sys.executable, "stages/base.py", "--out", "models/base"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "finetune.steps" in proc.stderr and "-3" in proc.stderr
+    assert not (ws / "models").exists()
+
+
+def test_unknown_task_fails_clearly(tmp_path: Path):
+    ws = make_workspace(tmp_path, {"tasks": ["rotten_tomatoes", "no_such_task"]})
+    proc = subprocess.run(
+        [str(BIN / "python"), "stages/prepare.py", "--task", "no_such_task", "--out", "data/x"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "no_such_task" in proc.stderr and "rotten_tomatoes" in proc.stderr
+    assert not (ws / "data").exists()
