@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/python flows/pipeline.py
+	$(BIN)/mergeflow run
 	@echo; cat reports/summary.md
 
 test: setup

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from mergeflow.workspace import make_workspace as _make_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -30,54 +30,8 @@ def _isolated_env(tmp_path_factory):
 
 
 def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
-    """Copy the project's pipeline files to ``dest`` as a fresh git+DVC repo with ci params."""
-    files = subprocess.run(
-        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    wanted = (
-        "dvc.yaml",
-        "params.yaml",
-        "stages/",
-        "src/",
-        "configs/",
-        "flows/",
-        ".dvc/",
-        ".dvcignore",
-    )
-    for f in files + [".dvc/config", ".dvcignore", ".dvc/.gitignore"]:
-        if f.startswith(wanted) and (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    from mergeflow.config import deep_merge
-
-    params = deep_merge(params, yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text()))
-    params = deep_merge(params, overrides or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ)
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(
-        [str(BIN / "dvc"), "config", "--local", "core.site_cache_dir", str(dest / ".dvc-site")],
-        cwd=dest,
-        check=True,
-        env=env,
-    )
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run(
-        [
-            "git",
-            "-c",
-            "user.email=ci@example.com",
-            "-c",
-            "user.name=ci",
-            "commit",
-            "-qm",
-            "workspace",
-        ],
-        cwd=dest,
-        check=True,
-    )
-    return dest
+    """A fresh git+DVC workspace with the ci profile (plus ``overrides``)."""
+    return _make_workspace(ROOT, dest, ROOT / "configs" / "ci.yaml", overrides)
 
 
 def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,0 +1,101 @@
+"""``mergeflow`` command line: thin wrappers over the library and the pipeline flow."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def tasks() -> None:
+    """List the task catalogue: name, classes, source package, licence."""
+    from mergeflow import data
+
+    t = Table("task", "classes", "source", "licence")
+    for name in data.available_tasks(include_optional=True):
+        s = data.get_task(name)
+        t.add_row(name, ", ".join(s.label_names), s.source, s.licence)
+    console.print(t)
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods with their hyperparameters and papers."""
+    from mergeflow import methods as m
+
+    t = Table("method", "hyperparameters", "paper")
+    for name in m.available():
+        spec = m.get(name)
+        fields = ", ".join(f"{k}={v.default!r}" for k, v in spec.params_model.model_fields.items())
+        t.add_row(name, fields, spec.paper)
+    console.print(t)
+
+
+@app.command("check-params")
+def check_params(
+    path: Annotated[Path, typer.Argument(help="params file to validate")] = Path("params.yaml"),
+) -> None:
+    """Validate a params file; exit 2 naming every bad key."""
+    from mergeflow.config import ConfigError, load_params
+
+    try:
+        p = load_params(path)
+    except ConfigError as err:
+        _fail(err)
+    console.print(f"{path}: ok ({len(p.tasks)} tasks, finetune.mode={p.finetune.mode})")
+
+
+@app.command("use-profile")
+def use_profile(
+    profile: Annotated[Path, typer.Argument(help="overrides file, e.g. configs/ci.yaml")],
+    params: Annotated[Path, typer.Option(help="params file to update in place")] = Path(
+        "params.yaml"
+    ),
+) -> None:
+    """Merge a profile's overrides into params.yaml (validated before anything is written)."""
+    from mergeflow.config import ConfigError, deep_merge, parse_params
+    from mergeflow.io import write_bytes_atomic
+
+    try:
+        merged = deep_merge(
+            yaml.safe_load(params.read_text()), yaml.safe_load(profile.read_text()) or {}
+        )
+        parse_params(merged, source=f"{params} + {profile}")
+    except (ConfigError, OSError, yaml.YAMLError) as err:
+        _fail(err)
+    write_bytes_atomic(params, yaml.safe_dump(merged, sort_keys=False).encode())
+    console.print(f"{params}: applied {profile}")
+
+
+@app.command()
+def run(
+    root: Annotated[Path, typer.Option(help="the mergeflow repo (with dvc.yaml)")] = Path("."),
+) -> None:
+    """Run the whole pipeline as a Prefect flow (ephemeral local API unless PREFECT_API_URL)."""
+    sys.path.insert(0, str(root.resolve()))
+    from flows.pipeline import pipeline
+
+    results = pipeline(root=str(root.resolve()))
+    ran = [k for k, v in results.items() if v == "ran"]
+    console.print(f"{len(ran)} stage(s) ran, {len(results) - len(ran)} up to date")
+    report = root / "reports" / "summary.md"
+    if report.is_file():
+        console.print(report.read_text())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,80 @@
+"""Fresh pipeline workspaces: a copy of the repo's pipeline files as a new git + DVC repo.
+
+Used by the end-to-end tests and the benchmarks, so both run the pipeline exactly as a user's
+clone would, with a params profile (e.g. ``configs/ci.yaml``) merged into ``params.yaml``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mergeflow.config import deep_merge, parse_params
+
+PIPELINE_FILES = (
+    "dvc.yaml",
+    "params.yaml",
+    "stages/",
+    "src/",
+    "configs/",
+    "flows/",
+    ".dvc/",
+    ".dvcignore",
+)
+
+
+def make_workspace(
+    src_root: Path, dest: Path, profile: Path | None = None, overrides: dict[str, Any] | None = None
+) -> Path:
+    """Copy the git-tracked pipeline files of ``src_root`` into ``dest`` and commit them there.
+
+    Args:
+        src_root: The mergeflow repo.
+        dest: An empty directory.
+        profile: A YAML file of params overrides (merged first).
+        overrides: More overrides (merged last); may be invalid on purpose (tests of bad input).
+
+    Returns:
+        ``dest``.
+    """
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=src_root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in [*files, ".dvc/config", ".dvc/.gitignore", ".dvcignore"]:
+        if f.startswith(PIPELINE_FILES) and (src_root / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src_root / f, dest / f)
+    params = yaml.safe_load((src_root / "params.yaml").read_text())
+    if profile is not None:
+        params = deep_merge(params, yaml.safe_load(Path(profile).read_text()) or {})
+        parse_params(params, source=str(profile))
+    params = deep_merge(params, overrides or {})
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(
+        [*dvc, "config", "--local", "core.site_cache_dir", str(dest / ".dvc-site")],
+        cwd=dest,
+        check=True,
+    )
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.email=mergeflow@localhost",
+            "-c",
+            "user.name=mergeflow",
+            "commit",
+            "-qm",
+            "workspace",
+        ],
+        cwd=dest,
+        check=True,
+    )
+    return dest

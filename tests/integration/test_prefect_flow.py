@@ -1,0 +1,41 @@
+"""The Prefect flow drives the DVC stages against a real (temporary) Prefect API."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_flow_skips_up_to_date_stages_and_reruns_changed_ones(ci_workspace: Path, prefect_api):
+    import sys
+
+    sys.path.insert(0, str(ci_workspace))
+    from flows.pipeline import pipeline, stage_order
+
+    order = stage_order(ci_workspace)
+    assert order.index("base") < order.index("finetune@rotten_tomatoes") < order.index("evaluate")
+    assert order[-1] == "evaluate"
+
+    results = pipeline(root=str(ci_workspace))
+    assert set(results) == set(order)
+    assert set(results.values()) == {"skipped"}
+
+    params_file = ci_workspace / "params.yaml"
+    params = yaml.safe_load(params_file.read_text())
+    params["evaluate"]["batch_size"] = 32
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False))
+    results = pipeline(root=str(ci_workspace))
+    assert results["evaluate"] == "ran"
+    assert all(v == "skipped" for k, v in results.items() if k != "evaluate")
