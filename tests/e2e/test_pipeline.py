@@ -125,3 +125,37 @@ def test_unknown_task_fails_clearly(tmp_path: Path):
     assert proc.returncode == 2
     assert "no_such_task" in proc.stderr and "rotten_tomatoes" in proc.stderr
     assert not (ws / "data").exists()
+
+
+def test_lora_experts_give_dense_task_vectors(tmp_path: Path):
+    ws = make_workspace(
+        tmp_path,
+        {"tasks": ["rotten_tomatoes", "bbc_news"], "finetune": {"mode": "lora", "steps": 4}},
+    )
+    dvc(ws, "repro", "task_vectors")
+    base = load_state_dict(ws / "models/base/model.safetensors")
+    for t in ("rotten_tomatoes", "bbc_news"):
+        assert (ws / "models/experts" / t / "adapter" / "adapter_model.safetensors").is_file()
+        tv = load_state_dict(ws / "artifacts/task_vectors" / f"{t}.safetensors")
+        expert = load_state_dict(ws / "models/experts" / t / "model.safetensors")
+        changed = [k for k, v in tv.items() if v.abs().max() > 0]
+        assert changed and all(k.endswith(".weight") for k in changed)
+        assert any("attention.self.query" in k for k in changed)
+        assert not any("LayerNorm" in k or "embeddings" in k for k in changed)
+        for k, v in tv.items():
+            # the saved expert is the peft merge of the same adapter: θ_t − θ_0 ≈ B·A·α/r
+            diff = expert[f"bert.{k}"].float() - base[k].float()
+            assert (diff - v).abs().max() < 1e-5, k
+
+
+def test_missing_base_model_fails_clearly(tmp_path: Path):
+    ws = make_workspace(tmp_path, {"base_model": {"name_or_path": "/nonexistent/model"}})
+    proc = subprocess.run(
+        [sys.executable, "stages/base.py", "--out", "models/base"],
+        cwd=ws,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "base_model.name_or_path" in proc.stderr and "/nonexistent/model" in proc.stderr
+    assert not (ws / "models").exists()

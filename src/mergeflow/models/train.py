@@ -127,8 +127,9 @@ def finetune(
     result = TrainResult()
     if head_init == "linear_probe":
         probe_batches = tokenize(tokenizer, texts, labels, max_length=max_length, batch_size=64)
+        plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
         result.probe_train_accuracy = linear_probe(
-            model, probe_batches, epochs=probe_epochs, device=device, seed=seed
+            plain, probe_batches, epochs=probe_epochs, device=device, seed=seed
         )
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     y = torch.tensor(labels, dtype=torch.long)
