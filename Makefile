@@ -15,7 +15,9 @@ setup: $(VENV)/.installed
 # torch first, pinned: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	# pip is pinned below 25: newer pip refuses to download bigbench's sdist (its metadata declares
+	# a direct-URL dependency), and bigbench holds five of the default tasks.
+	$(BIN)/pip install -q "pip>=23.2,<25"
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,s3]'
 	$(BIN)/pip check

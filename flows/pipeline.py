@@ -1,59 +1,429 @@
-"""Prefect flow: run the DVC pipeline stage by stage, one Prefect task per stage item.
+"""Prefect flow: the DVC pipeline as a DAG of Prefect tasks, one per stage item.
 
-DVC decides what is stale: an up-to-date stage is skipped by ``dvc repro --single-item`` and the
-task says so. With no ``PREFECT_API_URL`` set, Prefect starts its ephemeral local API.
+DVC decides what is stale; Prefect runs, retries, times out and records. The stage graph comes from
+``dvc.yaml`` (``repo.index.graph``); every stage item is submitted with ``wait_for`` its upstream
+items, so independent items (``prepare@*``, ``finetune@*``) fan out in parallel.
+
+How parallel stages share one DVC repo (DVC holds a repo-wide lock for the whole of a
+``dvc repro``): in ``parallel`` mode each task asks ``dvc status <item>`` under a flow-wide lock,
+removes the item's stale outputs, runs the item's ``cmd`` *outside* the lock, then records it with
+``dvc commit --force <item>`` under the lock again. Only the short DVC bookkeeping is serialized;
+the expensive commands overlap. ``dvc.lock`` changes only after a command succeeded, so a stage
+killed mid-run is simply stale on the next run. ``parallel=False`` runs ``dvc repro --single-item``
+per item, one at a time (the reference behaviour). See docs/orchestration.md for the measurements.
+
+Retries only on I/O-bound steps (``prepare`` reads source packages, ``base`` loads the model files,
+``dvc push`` talks to S3); compute stages fail fast. Every stage command has a timeout and is killed
+with its process group when it expires. Up-to-date items are skipped and say so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE as NO_CACHE
 
 ROOT = Path(__file__).resolve().parents[1]
+IO_BOUND_STAGES = ("prepare", "base")  # retried: they read source packages / model files
+IO_RETRIES = 2
+IO_RETRY_DELAY_S = 3
+DEFAULT_TIMEOUT_S = 6 * 3600.0
+FLOW_LOCK = ".dvc/tmp/mergeflow-flow.lock"
 
 
-def stage_order(root: Path = ROOT) -> list[str]:
-    """Stage items of ``dvc.yaml`` in dependency order (e.g. ``finetune@rotten_tomatoes``)."""
+class WorkspaceBusyError(RuntimeError):
+    """Another flow run is already writing this workspace."""
+
+
+class StageTimeoutError(RuntimeError):
+    """A stage command ran longer than its timeout and was killed."""
+
+
+@dataclass(frozen=True)
+class StageItem:
+    """One stage item of ``dvc.yaml``: its command, outputs and upstream items."""
+
+    name: str
+    cmd: str
+    outs: tuple[str, ...]
+    upstream: tuple[str, ...]
+    uncached: tuple[str, ...] = ()  # outs kept in git, not the DVC cache (metrics, reports, plots)
+
+    @property
+    def stage(self) -> str:
+        """The stage name without the ``@item`` suffix."""
+        return self.name.split("@", 1)[0]
+
+    @property
+    def io_bound(self) -> bool:
+        """Whether failures are likely transient I/O (retried) rather than compute (not)."""
+        return self.stage in IO_BOUND_STAGES
+
+
+def stage_plan(root: Path = ROOT) -> list[StageItem]:
+    """Stage items of ``dvc.yaml`` in dependency order, each with its upstream items."""
     import networkx as nx
     from dvc.repo import Repo
 
+    def address(s) -> str:  # ``stage.addressing`` is relative to the cwd; make it relative to root
+        rel = os.path.relpath(s.path, root)
+        return s.name if rel == "dvc.yaml" else f"{rel}:{s.name}"
+
     with Repo(str(root)) as repo:
-        graph = repo.index.graph
-        return [s.addressing for s in nx.topological_sort(graph.reverse(copy=True))]
+        graph = repo.index.graph  # edges: stage -> the stages it depends on
+        items = []
+        for s in nx.topological_sort(graph.reverse(copy=True)):
+            cmd = s.cmd if isinstance(s.cmd, str) else " && ".join(s.cmd)
+            items.append(
+                StageItem(
+                    name=address(s),
+                    cmd=cmd,
+                    outs=tuple(os.path.relpath(o.fs_path, root) for o in s.outs),
+                    upstream=tuple(sorted(address(d) for d in graph.successors(s))),
+                    uncached=tuple(
+                        os.path.relpath(o.fs_path, root) for o in s.outs if not o.use_cache
+                    ),
+                )
+            )
+        return items
 
 
-def _dvc() -> list[str]:
-    return [sys.executable, "-m", "dvc"]
+def stage_order(root: Path = ROOT) -> list[str]:
+    """Stage item names of ``dvc.yaml`` in dependency order (e.g. ``finetune@rotten_tomatoes``)."""
+    return [s.name for s in stage_plan(root)]
 
 
-@task(name="dvc-stage", task_run_name="{name}")
-def run_stage(name: str, root: str, flow_run_id: str) -> str:
-    """``dvc repro --single-item <name>``; returns ``ran`` or ``skipped`` (already up to date)."""
-    logger = get_run_logger()
-    env = dict(os.environ, MERGEFLOW_FLOW_RUN_ID=flow_run_id)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    proc = subprocess.run(
-        [*_dvc(), "repro", "--single-item", name], cwd=root, env=env, capture_output=True, text=True
+def _dvc(root: str | Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``dvc`` (waiting for DVC's repo lock rather than failing on it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", "--wait-for-lock", *args],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
     )
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ, **(extra or {}))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+_DVC_LOCKS: dict[str, threading.Lock] = {}
+_SLOTS: dict[str, threading.BoundedSemaphore] = {}
+
+
+def _dvc_lock(root: str) -> threading.Lock:
+    """One lock per workspace for DVC bookkeeping inside this process."""
+    return _DVC_LOCKS.setdefault(str(Path(root).resolve()), threading.Lock())
+
+
+def is_stale(root: str | Path, name: str) -> bool:
+    """Whether ``dvc status`` reports anything for this stage item (deps, params, outs).
+
+    Raises:
+        FileNotFoundError: a dependency is missing (as ``dvc repro`` refuses to start then).
+    """
+    proc = _dvc(root, "status", "--json", name)
     if proc.returncode != 0:
-        raise RuntimeError(f"stage {name} failed:\n{proc.stderr[-4000:] or proc.stdout[-4000:]}")
-    skipped = "didn't change, skipping" in proc.stdout or "is cached - skipping" in proc.stdout
-    logger.info("%s: %s", name, "up to date, skipped" if skipped else "ran")
-    return "skipped" if skipped else "ran"
+        raise RuntimeError(f"dvc status {name} failed:\n{proc.stderr[-2000:]}")
+    status = json.loads(proc.stdout or "{}")
+    for entry in status.get(name, []):
+        deps = entry.get("changed deps", {}) if isinstance(entry, dict) else {}
+        missing = [p for p, why in deps.items() if why == "deleted"]
+        if missing:
+            raise FileNotFoundError(f"stage {name}: dependency {', '.join(missing)} does not exist")
+    return bool(status)
+
+
+def run_command(
+    cmd: str, root: str | Path, env: dict[str, str], timeout_s: float
+) -> subprocess.CompletedProcess:
+    """Run a stage command in its own process group; kill the group when it times out."""
+    proc = subprocess.Popen(
+        cmd,
+        shell=True,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise StageTimeoutError(f"timed out after {timeout_s:g} s and was killed: {cmd}") from None
+    except BaseException:  # the flow itself is being cancelled or killed: take the stage with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stage_env(item: StageItem, lineage_env: dict[str, str], threads: int | None) -> dict:
+    env = _env(lineage_env)
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("MKL_NUM_THREADS", str(threads))
+    return env
+
+
+@task(name="dvc-stage", task_run_name="{item.name}", cache_policy=NO_CACHE)
+def run_stage(
+    item: StageItem,
+    root: str,
+    lineage_env: dict[str, str],
+    parallel: bool = True,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int | None = None,
+) -> str:
+    """Run one stage item unless DVC says it is up to date; returns ``ran`` or ``skipped``."""
+    logger = get_run_logger()
+    env = _stage_env(item, lineage_env, threads)
+    lock = _dvc_lock(root)
+    t0 = time.monotonic()
+    if not parallel:
+        with lock:
+            proc = subprocess.run(
+                [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", item.name],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+        if proc.returncode != 0:
+            raise RuntimeError(f"stage {item.name} failed:\n{(proc.stderr or proc.stdout)[-4000:]}")
+        skipped = "didn't change, skipping" in proc.stdout or "is cached - skipping" in proc.stdout
+        logger.info("%s: %s", item.name, "up to date, skipped" if skipped else "ran")
+        return "skipped" if skipped else "ran"
+
+    with lock:
+        if not is_stale(root, item.name):
+            logger.info("%s: up to date, skipped", item.name)
+            return "skipped"
+        for out in item.outs:  # as `dvc repro` does: a stage starts from no outputs
+            p = Path(root) / out
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    slots = _SLOTS.get(str(Path(root).resolve())) or contextlib.nullcontext()
+    with slots:
+        logger.info("%s: running `%s`", item.name, item.cmd)
+        proc = run_command(item.cmd, root, env, timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"stage {item.name} failed (exit {proc.returncode}):\n"
+            f"{(proc.stderr or proc.stdout)[-4000:]}"
+        )
+    with lock:
+        commit = _dvc(root, "commit", "--force", item.name)
+    if commit.returncode != 0:
+        raise RuntimeError(f"dvc commit {item.name} failed:\n{commit.stderr[-2000:]}")
+    logger.info("%s: ran in %.1f s", item.name, time.monotonic() - t0)
+    return "ran"
+
+
+@task(name="dvc-push", retries=IO_RETRIES, retry_delay_seconds=IO_RETRY_DELAY_S, cache_policy=NO_CACHE)
+def push_outputs(root: str) -> str:
+    """``dvc push`` to the S3 remote configured from the environment (retried: network I/O)."""
+    from mergeflow import remote
+
+    summary = remote.push(Path(root))
+    get_run_logger().info("dvc push: %s", summary)
+    return summary
+
+
+@contextlib.contextmanager
+def workspace_lock(root: str | Path):
+    """Hold an exclusive lock on the workspace for the whole flow run (no two runs write it)."""
+    path = Path(root) / FLOW_LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise WorkspaceBusyError(
+                f"workspace {root} is being written by another flow run ({fh.read().strip()}); "
+                "wait for it or use another workspace"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def apply_overrides(root: str | Path, overrides: dict[str, Any] | None) -> None:
+    """Merge ``overrides`` into ``params.yaml`` for this run, validated before anything is written."""
+    if not overrides:
+        return
+    import yaml
+
+    from mergeflow.config import deep_merge, parse_params
+    from mergeflow.io import write_bytes_atomic
+
+    path = Path(root) / "params.yaml"
+    merged = deep_merge(yaml.safe_load(path.read_text()), overrides)
+    parse_params(merged, source=f"{path} + flow overrides")
+    write_bytes_atomic(path, yaml.safe_dump(merged, sort_keys=False).encode())
+
+
+def git_commit_results(root: str | Path, message: str) -> str | None:
+    """Commit ``dvc.lock``, ``params.yaml`` and the small uncached results; returns the commit."""
+    paths = ["dvc.lock", "params.yaml"]
+    untracked = subprocess.run(
+        ["git", "ls-files", "-mo", "--exclude-standard"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    paths += [
+        p
+        for p in untracked
+        if p.endswith(".gitignore") or p.startswith(("metrics/", "reports/", "plots/"))
+    ]
+    paths = [p for p in dict.fromkeys(paths) if (Path(root) / p).exists()]
+    subprocess.run(["git", "add", "--", *paths], cwd=root, check=True)
+    if not subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=root).returncode:
+        return None
+    subprocess.run(
+        ["git", "-c", "user.email=mergeflow@localhost", "-c", "user.name=mergeflow"]
+        + ["commit", "-qm", message],
+        cwd=root,
+        check=True,
+    )
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _publish_artifacts(root: Path, results: dict[str, str]) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    rows = "\n".join(f"| `{k}` | {v} |" for k, v in results.items())
+    create_markdown_artifact(
+        key="stages", markdown="| stage item | result |\n|---|---|\n" + rows, description="stages"
+    )
+    lock = root / "dvc.lock"
+    if lock.is_file():
+        create_markdown_artifact(
+            key="dvc-lock",
+            markdown=f"```yaml\n{lock.read_text()}```\n",
+            description="dvc.lock of this run (md5 of every dep and out)",
+        )
+    report = root / "reports" / "summary.md"
+    if report.is_file():
+        create_markdown_artifact(
+            key="summary", markdown=report.read_text(), description="headline evaluation table"
+        )
 
 
 @flow(name="mergeflow-pipeline")
-def pipeline(root: str = str(ROOT)) -> dict[str, str]:
-    """Run every stage of ``dvc.yaml`` in dependency order; returns stage → ran/skipped."""
+def pipeline(
+    root: str = str(ROOT),
+    overrides: dict[str, Any] | None = None,
+    parallel: bool = True,
+    max_parallel: int = 3,
+    stage_timeout_s: float = DEFAULT_TIMEOUT_S,
+    push: bool | None = None,
+    git_commit: bool = False,
+    register_model: bool = True,
+    model_name: str = "mergeflow-merged",
+) -> dict[str, str]:
+    """Run every stage item of ``dvc.yaml``; returns stage item → ``ran``/``skipped``.
+
+    Args:
+        root: The workspace (a git + DVC repo with ``dvc.yaml``).
+        overrides: Nested ``params.yaml`` overrides for this run (validated, then written).
+        parallel: Fan out independent stage items (else one ``dvc repro --single-item`` at a time).
+        max_parallel: At most this many stage commands at once.
+        stage_timeout_s: Kill a stage command after this many seconds.
+        push: ``dvc push`` after success; default: when an S3 remote is configured in the env.
+        git_commit: Commit ``dvc.lock``/params/metrics in the workspace after success.
+        register_model: Register the best merge in the MLflow Model Registry when ``evaluate`` ran.
+        model_name: Registered model name.
+    """
     from prefect.runtime import flow_run
 
-    results = {}
-    for name in stage_order(Path(root)):
-        results[name] = run_stage(name, root, str(flow_run.id))
+    from mergeflow import remote, tracking
+
+    logger = get_run_logger()
+    ws = Path(root).resolve()
+    with workspace_lock(ws):
+        apply_overrides(ws, overrides)
+        tracking.check_server()  # explicit error before any stage runs if MLflow is unreachable
+        do_push = remote.remote_from_env() is not None if push is None else push
+        if do_push:
+            remote.check(remote.require_remote_from_env())  # fail before hours of training
+        plan = stage_plan(ws)
+        _SLOTS[str(ws)] = threading.BoundedSemaphore(max(1, max_parallel))
+        cpus = os.cpu_count() or 1
+        fid, url = str(flow_run.id or ""), flow_run.ui_url or ""
+        with tracking.flow_run(
+            f"flow {flow_run.name or 'local'}", ws, prefect_run_id=fid, prefect_run_url=url
+        ) as parent:
+            lineage_env = parent.env()
+            futures: dict[str, Any] = {}
+            for item in plan:
+                fan = [s for s in plan if s.stage == item.stage and "@" in s.name]
+                width = min(max_parallel, len(fan)) if parallel and fan else 1
+                task_fn = run_stage.with_options(
+                    retries=IO_RETRIES if item.io_bound else 0,
+                    retry_delay_seconds=IO_RETRY_DELAY_S,
+                )
+                futures[item.name] = task_fn.submit(
+                    item,
+                    str(ws),
+                    lineage_env,
+                    parallel=parallel,
+                    timeout_s=stage_timeout_s,
+                    threads=max(1, cpus // width) if width > 1 else None,
+                    wait_for=[futures[u] for u in item.upstream if u in futures],
+                )
+            results = {name: f.result() for name, f in futures.items()}
+            ran = [k for k, v in results.items() if v == "ran"]
+            logger.info("%d stage item(s) ran, %d up to date", len(ran), len(results) - len(ran))
+            commit = git_commit_results(ws, f"mergeflow run {fid}") if git_commit else None
+            parent.record_workspace(ws, [u for s in plan for u in s.uncached], commit=commit)
+            if do_push:
+                push_outputs(str(ws))
+            if register_model and results.get("evaluate") == "ran":
+                if str(ROOT) not in sys.path:
+                    sys.path.insert(0, str(ROOT))
+                from flows.lineage import register_best_merge
+
+                mv = register_best_merge(ws, parent, model_name)
+                if mv is not None:
+                    logger.info(
+                        "registered %s v%s (champion: %s)", model_name, mv.version, mv.tags["promoted"]
+                    )
+            _publish_artifacts(ws, results)
     return results
 
 

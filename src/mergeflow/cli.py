@@ -11,8 +11,11 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from mergeflow.engine.cli import merge_command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
+app.command("merge")(merge_command)
 
 
 def _fail(err: Exception) -> None:
@@ -95,6 +98,23 @@ def run(
     report = root / "reports" / "summary.md"
     if report.is_file():
         console.print(report.read_text())
+
+
+@app.command()
+def pull(
+    ref: Annotated[str, typer.Argument(help="an MLflow flow-run id or a git revision")],
+    root: Annotated[Path, typer.Option(help="a clean clone of the workspace")] = Path("."),
+) -> None:
+    """Restore exactly the artifacts of a run from the S3 remote (MERGEFLOW_S3_* env); md5-checked."""
+    from mergeflow.remote import RemoteError
+    from mergeflow.remote import pull as pull_run
+    from mergeflow.tracking import TrackingUnavailableError
+
+    try:
+        outs = pull_run(ref, root)
+    except (RemoteError, TrackingUnavailableError) as err:
+        _fail(err)
+    console.print(f"restored {len(outs)} output(s) of {ref}, md5s match dvc.lock")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PACKAGED_MINILM = "packaged:all-minilm-l6-v2"
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -81,10 +88,95 @@ class MasksCfg(_Section):
         return v
 
 
+class LearnedCfg(_Section):
+    """One learned-coefficient run (AdaMerging, aTLAS or Concrete); unset fields: paper defaults.
+
+    ``data``: ``test_unlabeled`` (test inputs, labels never read), ``val`` (validation with labels)
+    or ``kshot`` (``k`` examples per class drawn from validation with ``seed``, stratified).
+    ``select``: best step by mean normalized accuracy on ``val``, on the run's own ``train_data``
+    (k-shot), or the ``final`` step.
+    """
+
+    method: Literal["adamerging", "atlas", "concrete"]
+    blocks: str = "layer"
+    partitions: Annotated[int, Field(ge=1, le=255)] = 1
+    data: Literal["test_unlabeled", "val", "kshot"] | None = None
+    k: PositiveInt | None = None
+    objective: Literal["entropy", "ce", "pseudo_label"] | None = None
+    select: Literal["final", "val", "train_data"] | None = None
+    steps: PositiveInt = 100
+    eval_every: Annotated[int, Field(ge=0)] = 10
+    batch_size: PositiveInt = 16
+    lr: Annotated[float, Field(gt=0, lt=10)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0)] | None = None
+    grad_clip: Annotated[float, Field(gt=0)] | None = None
+    init: float | None = None
+    pseudo_threshold: Probability = 0.0
+    over: Literal["task_arithmetic", "adamerging"] = "task_arithmetic"  # what Concrete masks
+    temperature: Annotated[float, Field(gt=0)] = 0.5
+    mask_init: float = 3.0
+    mask_lr: Annotated[float, Field(gt=0)] = 0.1
+
+    @field_validator("blocks")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if v not in ("task", "layer", "atlas"):
+            raise ValueError(f"unknown block scheme {v!r}; available: task, layer, atlas")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LearnedCfg:
+        m, d = self.method, self.data
+        if m in ("adamerging", "concrete") and d not in (None, "test_unlabeled"):
+            raise ValueError(f"{m} learns from unlabeled test inputs: data must be test_unlabeled")
+        if m == "adamerging" and self.blocks not in ("task", "layer"):
+            raise ValueError("adamerging: blocks must be task or layer")
+        if m == "concrete":
+            want = "task" if self.over == "task_arithmetic" else "layer"
+            if self.blocks != want:
+                raise ValueError(f"concrete over {self.over}: blocks must be {want}")
+        if (d == "kshot") != (self.k is not None):
+            raise ValueError("k is required with data: kshot and only allowed with it")
+        if self.select == "train_data" and d != "kshot":
+            raise ValueError("select: train_data is only for data: kshot")
+        if d in (None, "test_unlabeled") and self.objective == "ce":
+            raise ValueError("objective ce needs labels: use data val or kshot")
+        if d in ("val", "kshot") and self.objective not in (None, "ce"):
+            raise ValueError("labeled data (val, kshot) trains with objective ce")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """All settings with the paper defaults of ``method`` filled in."""
+        d = self.model_dump()
+        if self.method == "atlas":
+            data = self.data or "val"
+            defaults = {
+                "data": data,
+                "objective": "ce" if data != "test_unlabeled" else "pseudo_label",
+                "select": {"val": "val", "kshot": "train_data"}.get(data, "final"),
+                "weight_decay": 0.1,
+                "grad_clip": 1.0,
+                "init": 0.0,
+            }
+        else:
+            defaults = {
+                "data": "test_unlabeled",
+                "objective": "entropy",
+                "select": "final",
+                "weight_decay": 0.0,
+                "grad_clip": None,
+                "init": 0.3,
+            }
+        return {k: (defaults[k] if d.get(k) is None and k in defaults else v) for k, v in d.items()}
+
+
 class CoefficientsCfg(_Section):
-    """Validation grid search of the scaling coefficient for each merge method."""
+    """Validation grid search of the scaling coefficient for each merge method, and learned runs."""
 
     grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    learned: dict[str, LearnedCfg] = Field(default_factory=dict)
+    run_learned: bool = True  # false: keep the runs configured but skip them (ci profile)
+    concrete_scaling: Annotated[float, Field(ge=0)] = 0.3
 
     @field_validator("grid")
     @classmethod
@@ -92,6 +184,18 @@ class CoefficientsCfg(_Section):
         if not v:
             raise ValueError("needs at least one candidate scaling")
         return v
+
+
+class CompressCfg(_Section):
+    """How the TALL archive is stored (Wang et al., ICML 2024: θ_0 + τ_MTL + one bit per task)."""
+
+    mtl_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    include_base: bool = False  # False: the archive references θ_0 by sha256 (it ships anyway)
+    twin_rank: Annotated[int, Field(ge=1)] = 16
+    twin_shared: str = "task_arithmetic"  # merge method of Twin-Merging's shared expert
+    twin_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    twin_routing: Literal["top1", "soft"] = "top1"
+    twin_router_epochs: PositiveInt = 200
 
 
 class EvaluateCfg(_Section):
@@ -118,6 +222,7 @@ class Params(_Section):
     finetune: FinetuneCfg = FinetuneCfg()
     masks: MasksCfg = MasksCfg()
     coefficients: CoefficientsCfg = CoefficientsCfg()
+    compress: CompressCfg = CompressCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
 
     @field_validator("tasks")
@@ -200,6 +305,11 @@ def _check_known_names(params: Params, source: str) -> None:
             methods.get(name).params_model.model_validate(hp)
         except ValidationError as err:
             raise ConfigError(_format_error(err, f"{source}: evaluate.methods.{name}")) from None
+    if params.compress.twin_shared not in params.evaluate.methods:
+        raise ConfigError(
+            f"{source}: compress.twin_shared: {params.compress.twin_shared!r} must be one of "
+            f"evaluate.methods ({', '.join(params.evaluate.methods)}), whose scaling it reuses"
+        )
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

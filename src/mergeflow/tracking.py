@@ -3,6 +3,13 @@
 This is the only module that imports mlflow. The tracking URI comes from ``MLFLOW_TRACKING_URI``;
 unset, runs go to a local SQLite store inside the repo (``mlflow.db``, ignored by git) with
 artifacts under ``mlruns/``.
+
+Lineage under Prefect: the flow opens one parent run (:func:`flow_run`) and hands its id to the stage
+processes through ``MERGEFLOW_PARENT_RUN_ID`` (plus ``MERGEFLOW_FLOW_RUN_ID``/``_URL``), so every
+stage item's run is nested under it. An unreachable tracking server is an explicit error
+(:class:`TrackingUnavailableError`) before any stage runs, never a silent gap in the lineage;
+``MERGEFLOW_TRACKING=off`` runs the pipeline deliberately without lineage. Only params from
+``params.yaml``, md5s, ids and URLs are logged — never the environment (credentials live there).
 """
 
 from __future__ import annotations
@@ -20,9 +27,54 @@ from mergeflow.io import tree_md5
 EXPERIMENT = os.environ.get("MERGEFLOW_EXPERIMENT", "mergeflow")
 
 
-def tracking_uri() -> str:
-    """The MLflow tracking URI in force (env, else ``sqlite:///<cwd>/mlflow.db``)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+def tracking_uri(base: str | Path | None = None) -> str:
+    """The MLflow tracking URI in force (env, else ``sqlite:///<base or cwd>/mlflow.db``)."""
+    where = Path(base).resolve() if base is not None else Path.cwd()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{where / 'mlflow.db'}"
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def tracking_enabled() -> bool:
+    """False when ``MERGEFLOW_TRACKING=off`` (run without lineage, deliberately)."""
+    return os.environ.get("MERGEFLOW_TRACKING", "on").lower() not in ("off", "0", "false", "no")
+
+
+def check_server(uri: str | None = None, timeout_s: float = 5.0) -> None:
+    """Raise :class:`TrackingUnavailableError` naming the URI if an HTTP tracking server is down.
+
+    Local stores (sqlite, file) need no check. Bounded: one ``GET /health`` with ``timeout_s``.
+    """
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not tracking_enabled() or not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            if resp.status == 200:
+                return
+            why = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError) as err:
+        why = str(getattr(err, "reason", err))
+    raise TrackingUnavailableError(
+        f"MLflow tracking server {uri} is unreachable ({why}). Start it, point MLFLOW_TRACKING_URI "
+        "at a running server, or set MERGEFLOW_TRACKING=off to run without lineage."
+    )
+
+
+def _mlflow(uri: str | None = None):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri or tracking_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
 
 
 def git_commit(cwd: str | Path = ".") -> str:
@@ -95,6 +147,24 @@ class StageRun:
         self._mlflow.log_input(ds, context=context)
 
 
+class _NoRun:
+    """Stands in for :class:`StageRun` when lineage is off (``MERGEFLOW_TRACKING=off``)."""
+
+    run_id = ""
+
+    def metrics(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Do nothing."""
+
+    def outputs(self, paths: Mapping[str, str | Path]) -> None:
+        """Do nothing."""
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Do nothing."""
+
+    def dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        """Do nothing."""
+
+
 @contextlib.contextmanager
 def stage_run(
     stage: str,
@@ -116,13 +186,11 @@ def stage_run(
     Yields:
         A :class:`StageRun` to log metrics and outputs into.
     """
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    if not tracking_enabled():
+        yield _NoRun()
+        return
+    check_server(timeout_s=10)
+    mlflow = _mlflow()
     all_tags = {
         "mergeflow.stage": stage,
         "mlflow.source.git.commit": git_commit(),
@@ -135,9 +203,152 @@ def stage_run(
     flow_run = os.environ.get("PREFECT__FLOW_RUN_ID") or os.environ.get("MERGEFLOW_FLOW_RUN_ID")
     if flow_run:
         all_tags["prefect.flow_run_id"] = flow_run
+    if os.environ.get("MERGEFLOW_FLOW_RUN_URL"):
+        all_tags["prefect.flow_run_url"] = os.environ["MERGEFLOW_FLOW_RUN_URL"]
     with mlflow.start_run(run_name=stage, tags=all_tags) as run:
         flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
         items = list(flat.items())
         for i in range(0, len(items), 100):
             mlflow.log_params(dict(items[i : i + 100]))
         yield StageRun(mlflow, run)
+
+
+def _lock_stages(lock_path: Path) -> dict[str, dict]:
+    """``dvc.lock``'s stages, with ``foreach`` items under their ``stage@item`` names."""
+    import yaml
+
+    if not lock_path.is_file():
+        return {}
+    return (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) or {}
+
+
+def dvc_md5_tags(entry: Mapping[str, Any]) -> dict[str, str]:
+    """Tags ``dvc.dep.<path>.md5`` / ``dvc.out.<path>.md5`` from one ``dvc.lock`` stage entry."""
+    tags = {}
+    for kind in ("deps", "outs"):
+        for d in entry.get(kind, []) or []:
+            if d.get("md5"):
+                tags[f"dvc.{kind[:-1]}.{d['path']}.md5"[:250]] = str(d["md5"])
+    return tags
+
+
+class FlowRun:
+    """The parent MLflow run of one Prefect flow run (or a stand-in when lineage is off)."""
+
+    def __init__(self, mlflow_module, run_id: str, uri: str, prefect_run_id: str, url: str):
+        self._mlflow = mlflow_module
+        self.run_id = run_id
+        self.uri = uri
+        self._prefect = (prefect_run_id, url)
+
+    def env(self) -> dict[str, str]:
+        """Environment for the stage processes: nest their runs under this one."""
+        env = {"MLFLOW_TRACKING_URI": self.uri} if self.run_id else {}
+        if self.run_id:
+            env["MERGEFLOW_PARENT_RUN_ID"] = self.run_id
+        if self._prefect[0]:
+            env["MERGEFLOW_FLOW_RUN_ID"] = self._prefect[0]
+        if self._prefect[1]:
+            env["MERGEFLOW_FLOW_RUN_URL"] = self._prefect[1]
+        return env
+
+    def record_workspace(
+        self, root: str | Path, files: list[str] = (), commit: str | None = None
+    ) -> None:
+        """Keep ``dvc.lock``, params and ``files`` (uncached outputs) under ``workspace/``; tag md5s.
+
+        The parent gets ``dvc.out.<path>.md5`` for every output of the pipeline; each nested stage
+        run of this flow run gets its own stage's dep and out md5s from ``dvc.lock``.
+        """
+        if not self.run_id:
+            return
+        import hashlib
+
+        root = Path(root)
+        client = self._mlflow.MlflowClient()
+        lock = root / "dvc.lock"
+        # not dvc.yaml: with a repo-local store (./mlruns) DVC would collect it as a second pipeline;
+        # the run's dvc.yaml is the one at its git commit
+        for rel in ("dvc.lock", "params.yaml", *files):
+            if (root / rel).is_file():
+                sub = str(Path("workspace") / Path(rel).parent).rstrip("/.")
+                client.log_artifact(self.run_id, str(root / rel), sub)
+        stages = _lock_stages(lock)
+        tags: dict[str, str] = {}
+        for entry in stages.values():
+            tags.update({k: v for k, v in dvc_md5_tags(entry).items() if k.startswith("dvc.out.")})
+        if lock.is_file():
+            tags["dvc.lock.md5"] = hashlib.md5(lock.read_bytes()).hexdigest()
+        if commit:
+            tags["mergeflow.results_commit"] = commit
+        for k, v in tags.items():
+            client.set_tag(self.run_id, k, v)
+        children = client.search_runs(
+            [client.get_run(self.run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
+            max_results=5000,
+        )
+        for child in children:
+            entry = stages.get(child.data.tags.get("mergeflow.stage", ""))
+            for k, v in dvc_md5_tags(entry or {}).items():
+                client.set_tag(child.info.run_id, k, v)
+
+
+@contextlib.contextmanager
+def flow_run(
+    name: str, root: str | Path, prefect_run_id: str = "", prefect_run_url: str = ""
+) -> Iterator[FlowRun]:
+    """Open the parent MLflow run of a flow run; it ends FAILED if the flow raises."""
+    if not tracking_enabled():
+        yield FlowRun(None, "", "", prefect_run_id, prefect_run_url)
+        return
+    uri = tracking_uri(root)
+    check_server(uri)
+    mlflow = _mlflow(uri)
+    tags = {
+        "mergeflow.kind": "flow",
+        "mlflow.source.git.commit": git_commit(root),
+        "prefect.flow_run_id": prefect_run_id,
+        "prefect.flow_run_url": prefect_run_url,
+    }
+    with mlflow.start_run(run_name=name, tags={k: v for k, v in tags.items() if v}) as run:
+        yield FlowRun(mlflow, run.info.run_id, uri, prefect_run_id, prefect_run_url)
+
+
+def register_candidate(
+    flow: FlowRun,
+    model_dir: str | Path,
+    name: str,
+    score: float,
+    tags: Mapping[str, str] | None = None,
+    metric: str = "mean_normalized",
+):
+    """Register ``model_dir`` (logged under the parent run's ``model/``) as a new version of ``name``.
+
+    The new version gets alias ``candidate``; it also becomes ``champion`` if there is no champion
+    yet or its ``metric`` (stored as a version tag) is strictly higher than the champion's.
+
+    Returns:
+        The ``ModelVersion``; ``tags["promoted"]`` says whether it became champion.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = flow._mlflow.MlflowClient()
+    client.log_artifacts(flow.run_id, str(model_dir), "model")
+    with contextlib.suppress(MlflowException):
+        client.create_registered_model(name)
+    source = f"{client.get_run(flow.run_id).info.artifact_uri}/model"
+    vtags = {metric: f"{score:.6f}", **(tags or {})}
+    mv = client.create_model_version(name, source=source, run_id=flow.run_id, tags=vtags)
+    client.set_registered_model_alias(name, "candidate", mv.version)
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+        best = float(champ.tags.get(metric, "-inf"))
+    except MlflowException:
+        champ, best = None, float("-inf")
+    promoted = score > best
+    if promoted:
+        client.set_registered_model_alias(name, "champion", mv.version)
+    client.set_model_version_tag(name, mv.version, "promoted", str(promoted).lower())
+    client.set_tag(flow.run_id, "mergeflow.model_version", f"{name}/{mv.version}")
+    return client.get_model_version(name, mv.version)

@@ -31,7 +31,7 @@ PIPELINE_FILES = (
 def make_workspace(
     src_root: Path, dest: Path, profile: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Path:
-    """Copy the git-tracked pipeline files of ``src_root`` into ``dest`` and commit them there.
+    """Copy the pipeline files of ``src_root`` (tracked or not ignored) into ``dest``, commit them.
 
     Args:
         src_root: The mergeflow repo.
@@ -43,7 +43,11 @@ def make_workspace(
         ``dest``.
     """
     files = subprocess.run(
-        ["git", "ls-files"], cwd=src_root, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=src_root,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for f in [*files, ".dvc/config", ".dvc/.gitignore", ".dvcignore"]:
         if f.startswith(PIPELINE_FILES) and (src_root / f).is_file():

@@ -32,9 +32,12 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
     coef = json.loads((ws / "artifacts/coefficients/coefficients.json").read_text())
     assert set(coef) == {"task_arithmetic", "ties", "consensus"}
     comp = json.loads((ws / "metrics/compress.json").read_text())
-    assert comp["bytes_compressed"] > 0 and comp["n_tasks"] == len(tasks)
+    assert comp["n_tasks"] == len(tasks)
+    assert 0 < comp["tall"]["bytes"] < comp["tall"]["bytes_with_base"] < comp["bytes_experts"]
+    assert 0 < comp["twin"]["bytes"] < comp["bytes_experts"]
+    assert 0.0 <= comp["twin"]["router_val_accuracy"] <= 1.0
     ev = json.loads((ws / "metrics/eval.json").read_text())
-    for row in ("expert", "base", "task_arithmetic", "ties", "consensus", "tall_masks"):
+    for row in ("expert", "base", "task_arithmetic", "ties", "consensus", "tall_masks", "twin_merging"):
         assert set(ev[row]["accuracy"]) == set(tasks)
         assert all(0.0 <= a <= 1.0 for a in ev[row]["accuracy"].values())
     assert ev["expert"]["mean_normalized"] == pytest.approx(1.0)
@@ -51,7 +54,7 @@ def test_tall_archive_reconstructs_masked_experts_exactly(ci_workspace: Path):
     m = masks.unpack_masks(dict(f.items()), f.metadata)[task]
     base = load_state_dict(ws / "models/base/model.safetensors")
     mtl = load_state_dict(ws / "artifacts/compressed/mtl.safetensors")
-    enc, head = compression.load(ws / "artifacts/compressed", task)
+    enc, head = compression.load(ws / "artifacts/compressed", task, base=ws / "models/base")
     for k, v in base.items():
         if k in m:
             expected = (v.float() + m[k].float() * mtl[k].float()).to(v.dtype)

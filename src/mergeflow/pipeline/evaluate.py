@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow import compression, methods
+from mergeflow.coefficients import rebuild
+from mergeflow.compression import twin
 from mergeflow.config import Params
 from mergeflow.io import write_bytes_atomic, write_json_atomic
 from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
@@ -30,6 +32,7 @@ class Paths:
     task_vectors: Path
     coefficients: Path
     compressed: Path
+    twin: Path
     metrics: Path
     plot: Path
     report: Path
@@ -71,11 +74,20 @@ def run(cfg: Params, paths: Paths) -> dict:
     for t in ctx.tasks:
         d = Path(paths.experts) / t
         rows["expert"][t] = ctx.score(load_expert(d, expert_prefix(d))[0], test, [t])[t]
-        rows["tall_masks"][t] = ctx.score(compression.load(paths.compressed, t)[0], test, [t])[t]
+        tall = compression.load(paths.compressed, t, base=paths.base)[0]
+        rows["tall_masks"][t] = ctx.score(tall, test, [t])[t]
     rows["base"] = ctx.score(ctx.base, test)
+    twin_model = twin.TwinModel(paths.twin)
+    twin_scores = ctx.score_twin(twin_model, test, twin_model.manifest.get("routing", "top1"))
+    rows["twin_merging"] = twin_scores["accuracy"]
     experts = experts_from_vectors(ctx.base, ctx.task_vectors)
     for name, c in coef.items():
-        merged = methods.merge(name, ctx.base, experts, scaling=c["scaling"], **c["hyperparams"])
+        if "learned" in c:  # learned coefficients (AdaMerging, aTLAS, Concrete): re-apply α
+            merged = rebuild(ctx.base, ctx.task_vectors, Path(paths.coefficients) / c["learned"])
+        else:
+            merged = methods.merge(
+                name, ctx.base, experts, scaling=c["scaling"], **c["hyperparams"]
+            )
         rows[name] = ctx.score(merged, test)
     summary = summarize(rows, rows["expert"])
     buf = io.StringIO()
@@ -104,10 +116,12 @@ def run(cfg: Params, paths: Paths) -> dict:
         inputs={
             "coefficients": paths.coefficients,
             "compressed": paths.compressed,
+            "twin": paths.twin,
             "test": paths.data,
         },
     ) as tr:
         tr.dataset("test", "-", str(paths.data), "test: final evaluation only")
+        tr.metrics({"twin_merging.routing_accuracy": twin_scores["routing_accuracy"]})
         write_json_atomic(paths.metrics, summary)
         write_bytes_atomic(paths.plot, buf.getvalue().encode())
         write_bytes_atomic(paths.report, report.encode())

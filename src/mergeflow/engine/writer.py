@@ -1,0 +1,149 @@
+"""Streaming sharded safetensors writer: headers planned up front, tensors written as produced."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mergeflow.io import write_json_atomic
+
+_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _nbytes(shape: Sequence[int], dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+class ShardedWriter:
+    """Write tensors, in a fixed order, into Hugging Face-style safetensors shards.
+
+    The tensor list (name, shape, dtype, in write order) is known before merging starts, so every
+    shard's header is written first and each tensor's bytes are appended as soon as it is
+    computed: memory stays at one tensor. One shard -> ``model.safetensors``; more ->
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``.
+
+    Args:
+        out_dir: Directory to write into (normally an :func:`~mergeflow.io.atomic_dir`).
+        plan: ``(name, shape, dtype)`` in the order tensors will be written.
+        max_shard_bytes: Start a new shard when the current one would exceed this.
+
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int = 2 * 1024**3,
+    ):
+        self.out_dir = Path(out_dir)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for entry in plan:
+            nb = _nbytes(entry[1], entry[2])
+            if shards[-1] and size + nb > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nb
+        n = len(shards)
+        if n == 1:
+            self.names = ["model.safetensors"]
+        else:
+            self.names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shards = shards
+        self._order = [e[0] for e in plan]
+        self._expected = {e[0]: (tuple(e[1]), e[2]) for e in plan}
+        self._pos = 0
+        self._shard = -1
+        self._left_in_shard = 0
+        self._fh = None
+        self.total_size = sum(_nbytes(e[1], e[2]) for e in plan)
+
+    def _open_next(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._shard += 1
+        entries = self._shards[self._shard]
+        header: dict = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for name, shape, dtype in entries:
+            nb = _nbytes(shape, dtype)
+            header[name] = {
+                "dtype": _DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [off, off + nb],
+            }
+            off += nb
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(self.out_dir / self.names[self._shard], "wb")  # noqa: SIM115
+        self._fh.write(struct.pack("<Q", len(raw)))
+        self._fh.write(raw)
+        self._left_in_shard = len(entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor (must be the next one in the plan, same shape and dtype).
+
+        Raises:
+            RuntimeError: Out of order or not matching the plan (a bug in the caller).
+
+        """
+        if self._pos >= len(self._order) or self._order[self._pos] != name:
+            raise RuntimeError(f"writer: got '{name}' out of order")
+        shape, dtype = self._expected[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"writer: '{name}' is {tensor.dtype}{tuple(tensor.shape)}")
+        if self._left_in_shard == 0:
+            self._open_next()
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._left_in_shard -= 1
+        self._pos += 1
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (when sharded).
+
+        Raises:
+            RuntimeError: If not every planned tensor was written.
+
+        """
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer: {len(self._order) - self._pos} tensors never written")
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if len(self.names) > 1:
+            weight_map = {
+                name: self.names[i]
+                for i, entries in enumerate(self._shards)
+                for name, _, _ in entries
+            }
+            write_json_atomic(
+                self.out_dir / "model.safetensors.index.json",
+                {"metadata": {"total_size": self.total_size}, "weight_map": weight_map},
+            )
+
+    def abort(self) -> None:
+        """Close the open file without finishing (the caller discards the directory)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

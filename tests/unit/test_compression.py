@@ -1,0 +1,187 @@
+"""TALL archive: exact reconstruction, base by reference, export, and bad archives."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from mergeflow import compression, masks, tensors
+from mergeflow.compression import ArchiveError
+from mergeflow.io import CheckpointError, save_state_dict
+from mergeflow.models.hf import split_state_dict
+
+
+def synthetic(n_tasks=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = {
+        "w": torch.randn(64, 48, generator=g),
+        "b": torch.randn(13, generator=g),
+        "ids": torch.arange(4),
+    }
+    tvs = {
+        f"t{i}": {
+            k: 0.01 * torch.randn(v.shape, generator=g)
+            for k, v in base.items()
+            if v.is_floating_point()
+        }
+        for i in range(n_tasks)
+    }
+    return base, tvs
+
+
+def build(tmp_path, include_base=False, mtl_dtype="float16"):
+    base, tvs = synthetic()
+    mtl = tensors.sum_all(list(tvs.values()))
+    m = masks.tall_masks_from_vectors(tvs, 0.4, mtl=mtl)
+    packed, meta = masks.pack_masks(m)
+    save_state_dict(packed, tmp_path / "masks.safetensors", metadata=meta)
+    save_state_dict(base, tmp_path / "base.safetensors")
+    heads = {t: {"classifier.weight": torch.ones(2, 3)} for t in tvs}
+    compression.write_archive(
+        tmp_path / "arc",
+        tmp_path / "base.safetensors",
+        mtl,
+        tmp_path / "masks.safetensors",
+        heads,
+        include_base=include_base,
+        mtl_dtype=mtl_dtype,
+    )
+    return base, mtl, m
+
+
+@pytest.mark.parametrize("include_base", [True, False])
+@pytest.mark.parametrize("mtl_dtype", ["float32", "float16", "bfloat16"])
+def test_reconstruction_is_bit_exact(tmp_path, include_base, mtl_dtype):
+    base, mtl, m = build(tmp_path, include_base, mtl_dtype)
+    stored = {k: v.to(getattr(torch, mtl_dtype)) for k, v in mtl.items()}
+    for t in m:
+        enc, head = compression.load(
+            tmp_path / "arc", t, base=None if include_base else tmp_path / "base.safetensors"
+        )
+        assert set(enc) == set(base)
+        for k, v in base.items():
+            if k in m[t]:
+                assert enc[k].equal((v.float() + m[t][k].float() * stored[k].float()).to(v.dtype))
+            else:
+                assert enc[k].equal(v)
+        assert head["classifier.weight"].equal(torch.ones(2, 3))
+    assert compression.tasks_in(tmp_path / "arc") == sorted(m)
+
+
+def test_half_precision_mtl_shrinks_the_archive(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    build(tmp_path / "a", mtl_dtype="float32")
+    build(tmp_path / "b", mtl_dtype="float16")
+    assert (tmp_path / "b/arc/mtl.safetensors").stat().st_size < (
+        tmp_path / "a/arc/mtl.safetensors"
+    ).stat().st_size * 0.6
+
+
+def test_referenced_base_must_be_given_and_match(tmp_path):
+    build(tmp_path, include_base=False)
+    with pytest.raises(ArchiveError, match="not stored in the archive"):
+        compression.load(tmp_path / "arc", "t0")
+    other = tmp_path / "other.safetensors"
+    save_state_dict({"w": torch.zeros(64, 48), "b": torch.zeros(13), "ids": torch.arange(4)}, other)
+    with pytest.raises(ArchiveError, match="not the base the archive was built on"):
+        compression.load(tmp_path / "arc", "t0", base=other)
+
+
+def test_bad_archives_fail_clearly(tmp_path):
+    build(tmp_path, include_base=True)
+    arc = tmp_path / "arc"
+    with pytest.raises(ArchiveError, match="'nope' is not in the archive"):
+        compression.load(arc, "nope")
+    with pytest.raises(ArchiveError, match="no manifest"):
+        compression.load(tmp_path, "t0")
+    data = (arc / "mtl.safetensors").read_bytes()
+    (arc / "mtl.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupted"):
+        compression.load(arc, "t0")
+    (arc / "mtl.safetensors").write_bytes(data)
+    # masks made for other shapes
+    other = {
+        t: {"w": torch.ones(2, 2, dtype=torch.bool), "b": torch.ones(3, dtype=torch.bool)}
+        for t in ("t0", "t1", "t2")
+    }
+    packed, meta = masks.pack_masks(other)
+    save_state_dict(packed, arc / "masks.safetensors", metadata=meta)
+    with pytest.raises(ArchiveError, match="does not fit"):
+        compression.load(arc, "t0")
+    (arc / "manifest.json").write_text("{not json")
+    with pytest.raises(ArchiveError, match="corrupted"):
+        compression.load(arc, "t0")
+
+
+def test_task_without_mask_is_refused(tmp_path):
+    base, tvs = synthetic(2)
+    mtl = tensors.sum_all(list(tvs.values()))
+    packed, meta = masks.pack_masks(masks.tall_masks_from_vectors(tvs, 0.4, mtl=mtl))
+    save_state_dict(packed, tmp_path / "m.safetensors", metadata=meta)
+    save_state_dict(base, tmp_path / "base.safetensors")
+    heads = {t: {"h": torch.ones(1)} for t in ("t0", "t1", "t9")}
+    with pytest.raises(ArchiveError, match="t9"):
+        compression.write_archive(
+            tmp_path / "arc", tmp_path / "base.safetensors", mtl, tmp_path / "m.safetensors", heads
+        )
+    assert not (tmp_path / "arc").exists()
+
+
+def test_export_loads_with_from_pretrained(tmp_path):
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=100,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+    )
+    base_model = BertForSequenceClassification(cfg)
+    base_dir = tmp_path / "base"
+    base_model.bert.save_pretrained(base_dir)
+    enc0, _ = split_state_dict(base_model.state_dict(), "bert")
+    experts = {}
+    for i in range(2):
+        m = BertForSequenceClassification(cfg)
+        m.load_state_dict(base_model.state_dict())
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        experts[f"t{i}"] = m
+    tvs = {}
+    heads = {}
+    for t, m in experts.items():
+        enc, head = split_state_dict(m.state_dict(), "bert")
+        tvs[t] = tensors.task_vector(enc0, enc)
+        heads[t] = head
+    mtl = tensors.sum_all(list(tvs.values()))
+    packed, meta = masks.pack_masks(masks.tall_masks_from_vectors(tvs, 0.0, mtl=mtl))
+    save_state_dict(packed, tmp_path / "m.safetensors", metadata=meta)
+    configs = {t: json.loads(m.config.to_json_string()) for t, m in experts.items()}
+    compression.write_archive(
+        tmp_path / "arc",
+        base_dir / "model.safetensors",
+        mtl,
+        tmp_path / "m.safetensors",
+        heads,
+        configs,
+        encoder_prefix="bert",
+        mtl_dtype="float32",
+        include_base=False,
+    )
+    out = compression.export(tmp_path / "arc", "t1", tmp_path / "t1", base_dir)
+    loaded = AutoModelForSequenceClassification.from_pretrained(out)
+    rec, head = compression.load(tmp_path / "arc", "t1", base=base_dir)
+    for k, v in rec.items():
+        assert loaded.bert.state_dict()[k].equal(v), k
+    assert loaded.classifier.weight.equal(heads["t1"]["classifier.weight"])
