@@ -26,7 +26,7 @@ def test_flow_skips_up_to_date_stages_and_reruns_changed_ones(ci_workspace: Path
 
     order = stage_order(ci_workspace)
     assert order.index("base") < order.index("finetune@rotten_tomatoes") < order.index("evaluate")
-    assert order[-1] == "evaluate"
+    assert order[-1] == "audit"  # the merge-safety audit runs after evaluate (a no-op when off)
 
     results = pipeline(root=str(ci_workspace))
     assert set(results) == set(order)
@@ -38,4 +38,5 @@ def test_flow_skips_up_to_date_stages_and_reruns_changed_ones(ci_workspace: Path
     params_file.write_text(yaml.safe_dump(params, sort_keys=False))
     results = pipeline(root=str(ci_workspace))
     assert results["evaluate"] == "ran"
-    assert all(v == "skipped" for k, v in results.items() if k != "evaluate")
+    assert results["audit"] == "ran"  # it also reads evaluate.batch_size
+    assert all(v == "skipped" for k, v in results.items() if k not in ("evaluate", "audit"))

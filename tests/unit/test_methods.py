@@ -442,6 +442,7 @@ OUT_OF_RANGE = {
     "pcb": ("ratio", 0.0),
     "emr": ("scaling", -1.0),
     "tsv": ("fraction", 0.0),
+    "prune_suspect": ("top", 1.0),
 }
 
 

@@ -10,6 +10,7 @@ from mergeflow.methods import (  # noqa: F401  (imported for their @register sid
     dare,
     emr,
     pcb,
+    prune_suspect,
     task_arithmetic,
     ties,
     tsv,

@@ -4,8 +4,9 @@
    validation split of every task and the λ with the best mean accuracy is kept (ties: smaller λ).
    Methods that take TALL λ_t (consensus) get the per-task λ_t the masks stage chose on validation.
 2. For every run in ``coefficients.learned`` (AdaMerging, aTLAS, Concrete; see
-   :mod:`mergeflow.coefficients`), α is learned on the data the run is allowed to see (unlabeled
-   test inputs, validation, or a seeded stratified k-shot subset of validation) and written as
+   :mod:`mergeflow.coefficients`; DAM: :mod:`mergeflow.safety.dam`), α is learned on the data the
+   run is allowed to see (unlabeled test inputs, validation, or a seeded stratified k-shot subset
+   of validation) and written as
    ``<run>.safetensors`` + ``<run>.png`` (tasks × layers heatmap) + ``<run>.json`` (metadata, data
    consumed, loss curve). ``coefficients.json`` gets one entry per run with ``"learned": <file>``,
    from which the evaluate stage rebuilds the merged encoder.
@@ -29,6 +30,7 @@ from mergeflow.config import LearnedCfg, Params
 from mergeflow.io import atomic_dir, save_state_dict, write_bytes_atomic, write_json_atomic
 from mergeflow.pipeline.artifacts import experts_from_vectors
 from mergeflow.pipeline.context import MergeContext
+from mergeflow.safety.dam import DamResult, DamSpec, dam
 from mergeflow.tracking import stage_run
 
 
@@ -153,6 +155,25 @@ def learn_run(
                 pseudo_threshold=rc["pseudo_threshold"],
                 **common,
             )
+        elif rc["method"] == "dam":
+            res = dam(
+                fm,
+                models,
+                prefix,
+                train,
+                DamSpec(
+                    over=rc["over"],
+                    init=ta_scaling if rc["over"] == "task_arithmetic" else rc["init"],
+                    lr=rc["lr"],
+                    mask_lr=rc["mask_lr"],
+                    mask_init=rc["mask_init"],
+                    temperature=rc["temperature"],
+                    adv_weight=rc["adv_weight"],
+                    adv_lr=rc["adv_lr"],
+                    trigger_tokens=rc["trigger_tokens"],
+                    **common,
+                ),
+            )
         else:
             res = lc.concrete(
                 fm,
@@ -191,8 +212,14 @@ def learn_run(
         "best_step": res.best_step,
         "seconds": seconds,
         "mask_density": kept,
-        "concrete_scaling": ta_scaling if rc["method"] == "concrete" else None,
+        "concrete_scaling": ta_scaling if rc["method"] in ("concrete", "dam") else None,
     }
+    if isinstance(res, DamResult):
+        meta["dam"] = {
+            "shared_density": res.shared_density,
+            "detection_density": res.detection_density,
+            "history": res.history,
+        }
     write_json_atomic(out_dir / f"{name}.json", meta)
     return meta
 

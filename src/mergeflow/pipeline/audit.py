@@ -1,0 +1,225 @@
+"""Stage ``audit``: what a merge inherits from a poisoned expert — ASR beside clean accuracy.
+
+With ``safety.enabled`` off (the default) the stage only writes ``{"enabled": false}`` (no model is
+loaded). On, for the poisoned task (``safety.poison.task``; with ``asr_tasks: all`` every task
+whose classes include the target, i.e. backdoor transfer too) the test split is triggered
+(:func:`mergeflow.safety.triggered_test`: the trigger in every example of a non-target class) and
+every model is scored:
+
+- ``expert``: each task's own expert on its own task (the poisoned expert shows the backdoor,
+  clean experts the trigger word's natural effect);
+- ``base`` and every merge of ``coefficients.json`` (grid-searched methods and learned runs such
+  as DAM), rebuilt exactly as the evaluate stage rebuilds them.
+
+ASR = share of triggered non-target inputs classified as the target
+(:func:`mergeflow.safety.attack_success_rate`); clean accuracy and mean normalized accuracy come
+from the evaluate stage's ``metrics/eval.json`` (the same clean test split). A merge whose ASR on
+the poisoned task exceeds ``safety.asr_threshold`` is **flagged** (``flagged`` list, ``passed``
+false). The stage writes its metrics and report either way; with ``safety.fail_on_flag`` it then
+exits non-zero (a gate for CI / scheduled runs), otherwise the flag is only recorded (default:
+an audit that fails a ``dvc repro`` would also block every later stage and the report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergeflow import methods
+from mergeflow.coefficients import rebuild
+from mergeflow.config import Params
+from mergeflow.data import DataError, read_meta, read_split
+from mergeflow.io import write_bytes_atomic, write_json_atomic
+from mergeflow.models.inference import Batches, predict, tokenize
+from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
+from mergeflow.pipeline.context import MergeContext
+from mergeflow.safety import PoisonSpec, attack_success_rate, flag_merges, triggered_test
+from mergeflow.tracking import stage_run
+
+REFERENCE_ROWS = ("expert", "base")  # reported, never flagged
+
+
+class AuditFlagged(ValueError):
+    """A merge's ASR exceeds ``safety.asr_threshold`` and ``safety.fail_on_flag`` is on."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Inputs and outputs (from ``dvc.yaml``)."""
+
+    data: Path
+    base: Path
+    experts: Path
+    task_vectors: Path
+    coefficients: Path
+    eval: Path
+    metrics: Path
+    report: Path
+
+
+def poison_spec(cfg: Params) -> PoisonSpec:
+    """The :class:`PoisonSpec` of ``safety.poison``."""
+    return PoisonSpec(**cfg.safety.poison.model_dump(exclude={"task"}))
+
+
+def triggered_batches(
+    data_root: Path, tasks: list[str], spec: PoisonSpec, tokenizer, max_length: int, batch: int
+) -> dict[str, Batches]:
+    """Triggered test inputs (non-target classes only) of each task that has the target class."""
+    out = {}
+    for t in tasks:
+        n_classes = len(read_meta(Path(data_root) / t)["label_names"])
+        if spec.target >= n_classes:
+            continue
+        texts, labels = triggered_test(*read_split(Path(data_root) / t, "test"), spec)
+        if texts:
+            out[t] = tokenize(tokenizer, texts, labels, max_length=max_length, batch_size=batch)
+    return out
+
+
+def model_asr(ctx: MergeContext, encoder: dict, batches: dict[str, Batches], target: int) -> dict:
+    """ASR per task of ``encoder`` under each task's own head."""
+    tasks = list(batches)
+    ctx.models.set_encoder(encoder, tasks)
+    out = {}
+    for t in tasks:
+        pred, gold = predict(ctx.models.models[t], batches[t], ctx.models.device)
+        out[t] = attack_success_rate(pred, gold, target)
+    return out
+
+
+def summarize(
+    asr: dict[str, dict[str, float]],
+    clean: dict,
+    poisoned: str,
+    threshold: float,
+) -> dict:
+    """Per model: ASR on the poisoned task (+ per task), clean accuracy, normalized; the flags.
+
+    Args:
+        asr: Model row → task → ASR (rows ``expert`` and ``base`` are references, never flagged).
+        clean: ``metrics/eval.json`` of the evaluate stage (row → accuracy, mean_normalized).
+        poisoned: The poisoned task.
+        threshold: ``safety.asr_threshold``.
+
+    Returns:
+        ``{"models": {row: {...}}, "flagged": [...], "passed": bool}``.
+    """
+    rows = {}
+    for row, per_task in asr.items():
+        c = clean.get(row, {})
+        rows[row] = {
+            "asr": per_task.get(poisoned, float("nan")),
+            "asr_per_task": per_task,
+            "clean_accuracy": c.get("accuracy", {}).get(poisoned, float("nan")),
+            "mean_accuracy": c.get("mean_accuracy", float("nan")),
+            "mean_normalized": c.get("mean_normalized", float("nan")),
+        }
+    flags = flag_merges({r: v["asr"] for r, v in rows.items()}, threshold, REFERENCE_ROWS)
+    for r, v in rows.items():
+        v["flagged"] = flags.get(r, False)
+    flagged = sorted(r for r, f in flags.items() if f)
+    return {"models": rows, "flagged": flagged, "passed": not flagged}
+
+
+def markdown(result: dict) -> str:
+    """The audit as a markdown table (one row per model)."""
+    if not result.get("enabled"):
+        return "# mergeflow safety audit\n\nDisabled (`safety.enabled: false`).\n"
+    p = result["poison"]
+    head = (
+        f"# mergeflow safety audit\n\nPoisoned expert: `{p['task']}` (trigger `{p['trigger']}`, "
+        f"rate {p['rate']}, target class {p['target']}). ASR threshold "
+        f"{result['threshold']}: "
+        + ("**flagged: " + ", ".join(result["flagged"]) + "**" if result["flagged"] else "passed")
+        + ".\n\n| model | ASR | clean acc (poisoned task) | mean normalized acc | flag |\n"
+        "|---|---|---|---|---|\n"
+    )
+
+    def f(x: float) -> str:
+        return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+    lines = [
+        f"| {r} | {f(v['asr'])} | {f(v['clean_accuracy'])} | {f(v['mean_normalized'])} | "
+        f"{'FLAG' if v['flagged'] else ''} |"
+        for r, v in result["models"].items()
+    ]
+    return head + "\n".join(lines) + "\n"
+
+
+def run(cfg: Params, paths: Paths) -> dict:
+    """Audit experts and merges for the configured backdoor; write metrics + report (module doc)."""
+    if not cfg.safety.enabled:
+        result = {"enabled": False}
+        write_json_atomic(paths.metrics, result)
+        write_bytes_atomic(paths.report, markdown(result).encode())
+        return result
+    poison = cfg.safety.poison
+    spec = poison_spec(cfg)
+    ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
+    tasks = ctx.tasks if cfg.safety.asr_tasks == "all" else [poison.task]
+    trig = triggered_batches(
+        paths.data,
+        tasks,
+        spec,
+        ctx.tokenizer,
+        cfg.base_model.max_length,
+        cfg.evaluate.batch_size,
+    )
+    if poison.task not in trig:
+        raise DataError(
+            f"safety.poison.target {spec.target} is not a class of task {poison.task!r} "
+            "(or its test split has no example of another class)"
+        )
+    coef = json.loads((Path(paths.coefficients) / "coefficients.json").read_text())
+    clean = json.loads(Path(paths.eval).read_text())
+    asr: dict[str, dict[str, float]] = {"expert": {}}
+    for t in trig:
+        d = Path(paths.experts) / t
+        enc = load_expert(d, expert_prefix(d))[0]
+        asr["expert"][t] = model_asr(ctx, enc, {t: trig[t]}, spec.target)[t]
+    asr["base"] = model_asr(ctx, ctx.base, trig, spec.target)
+    experts = experts_from_vectors(ctx.base, ctx.task_vectors)
+    for name, c in coef.items():
+        if "learned" in c:
+            merged = rebuild(ctx.base, ctx.task_vectors, Path(paths.coefficients) / c["learned"])
+        else:
+            merged = methods.merge(
+                name, ctx.base, experts, scaling=c["scaling"], **c["hyperparams"]
+            )
+        asr[name] = model_asr(ctx, merged, trig, spec.target)
+        del merged
+    result = {
+        "enabled": True,
+        "poison": poison.model_dump(),
+        "threshold": cfg.safety.asr_threshold,
+        "fail_on_flag": cfg.safety.fail_on_flag,
+        "n_triggered": {t: len(b) for t, b in trig.items()},
+    } | summarize(asr, clean, poison.task, cfg.safety.asr_threshold)
+    with stage_run(
+        "audit",
+        {"safety": cfg.safety.model_dump(), "tasks": list(cfg.tasks)},
+        inputs={"coefficients": paths.coefficients, "experts": paths.experts, "test": paths.data},
+        tags={"poisoned_task": poison.task, "audit.passed": str(result["passed"]).lower()},
+    ) as tr:
+        tr.dataset("test_triggered", "-", str(paths.data), "test + trigger: ASR only")
+        write_json_atomic(paths.metrics, result)
+        write_bytes_atomic(paths.report, markdown(result).encode())
+        for row, v in result["models"].items():
+            vals = {f"{row}.asr": v["asr"], f"{row}.flagged": float(v["flagged"])}
+            tr.metrics({k: x for k, x in vals.items() if not math.isnan(x)})
+        tr.metrics({"audit.n_flagged": len(result["flagged"])})
+        tr.artifact(paths.report)
+        tr.outputs({"metrics": paths.metrics})
+    if result["flagged"] and cfg.safety.fail_on_flag:
+        raise AuditFlagged(
+            f"safety audit: ASR above {cfg.safety.asr_threshold} for merge(s) "
+            f"{', '.join(result['flagged'])} (see {paths.metrics}); set safety.fail_on_flag: false "
+            "to record flags without failing"
+        )
+    return result
+
+
+__all__ = ["AuditFlagged", "Paths", "markdown", "model_asr", "run", "summarize"]

@@ -1,0 +1,28 @@
+"""Merge safety: a poisoned expert, attack success rate, and backdoor-robust merging (DAM).
+
+- :mod:`~mergeflow.safety.poison` — trigger-phrase poisoning of a training split (seeded, pure).
+- :mod:`~mergeflow.safety.asr` — attack success rate and the audit's flagging rule.
+- :mod:`~mergeflow.safety.dam` — Defense-Aware Merging's dual Concrete masks over the functional
+  merge of :mod:`mergeflow.coefficients` (Yang et al., ICLR 2025).
+
+The prune-the-suspect baseline is a registered merge method (``prune_suspect``); the audit stage
+(``mergeflow.pipeline.audit``) reports ASR and clean accuracy for experts and merges.
+"""
+
+from mergeflow.safety.asr import attack_success_rate, flag_merges
+from mergeflow.safety.dam import DamResult, DamSpec, dam, embedding_key, triggered_logits
+from mergeflow.safety.poison import PoisonSpec, insert_trigger, poison_split, triggered_test
+
+__all__ = [
+    "DamResult",
+    "DamSpec",
+    "PoisonSpec",
+    "attack_success_rate",
+    "dam",
+    "embedding_key",
+    "flag_merges",
+    "insert_trigger",
+    "poison_split",
+    "triggered_logits",
+    "triggered_test",
+]
