@@ -71,6 +71,8 @@ class FinetuneCfg(_Section):
     warmup_ratio: Probability = 0.1
     head_init: Literal["linear_probe", "random"] = "linear_probe"
     probe_epochs: PositiveInt = 100
+    # resume point every N optimizer steps (0 = never); kept beside the output, not tracked by DVC
+    checkpoint_every: Annotated[int, Field(ge=0)] = 20
     lora: LoraCfg = LoraCfg()
 
 

@@ -121,3 +121,38 @@ def test_tree_md5_depends_on_content_only(tmp_path):
     assert tree_md5(a) == tree_md5(b)
     (b / "s" / "x").write_text("2")
     assert tree_md5(a) != tree_md5(b)
+
+
+def test_atomic_dir_swaps_in_one_step_and_sweeps_dead_writers_leftovers(tmp_path):
+    from mergeflow.io.safetensors_io import _exchange
+
+    out = tmp_path / "art"
+    with atomic_dir(out) as d:
+        (d / "f.txt").write_text("old")
+    # a writer killed mid-way (pid 2**22 + 1 is above pid_max's default, so never alive)
+    dead = 2**22 + 1
+    (tmp_path / f".art.pid{dead}.x1.tmp").mkdir()
+    (tmp_path / f".art.pid{dead}.x1.tmp" / "half").write_text("partial")
+    (tmp_path / f".f.json.pid{dead}.y.tmp").write_text("{")
+    live = tmp_path / f".art.pid{os.getpid()}.z.tmp"  # a live writer's temp dir is kept
+    live.mkdir()
+    with atomic_dir(out) as d:
+        (d / "g.txt").write_text("new")
+    assert sorted(os.listdir(out)) == ["g.txt"]
+    assert sorted(os.listdir(tmp_path)) == [live.name, f".f.json.pid{dead}.y.tmp", "art"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.write_text("file")
+    if _exchange(a, b):
+        assert a.is_file() and b.is_dir()
+
+
+def test_atomic_dir_restores_old_artifact_moved_aside_by_a_killed_writer(tmp_path):
+    dead = 2**22 + 1
+    aside = tmp_path / f".art.old-{dead}"
+    aside.mkdir()
+    (aside / "f.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "art"):
+        raise RuntimeError("fails before the swap")
+    assert (tmp_path / "art" / "f.txt").read_text() == "old"
+    assert sorted(os.listdir(tmp_path)) == ["art"]

@@ -293,8 +293,8 @@ def read_split(
 
     Raises:
         DataError: On an unknown split, a missing file, a bad JSON line (file and line number
-            are named), a missing/mistyped field, a label outside the label set, or a hash
-            mismatch.
+            are named), a missing/mistyped field, a label outside the label set, an empty
+            split, or a hash mismatch.
 
     """
     if split not in SPLITS:
@@ -340,4 +340,8 @@ def read_split(
             raise DataError(f"{path}:{lineno}: label {label} is outside the label set ({allowed})")
         texts.append(text)
         labels.append(label)
+    if not texts:
+        raise DataError(
+            f"{path}: the split is empty; rerun the prepare stage (or raise data.n_{split})"
+        )
     return texts, labels

@@ -189,7 +189,8 @@ def check_same_architecture(base: Checkpoint, experts: Mapping[str, Checkpoint])
 
     Raises:
         CheckpointError: A config field differs (naming both files), or an expert misses a
-            tensor of the base, has an extra one, or a shape differs (naming tensor and file).
+            tensor of the base, has an extra one, or a shape differs, or a dtype of another
+            kind (float vs integer/bool; naming tensor and file).
 
     """
     bcfg = base.config() or {}
@@ -219,4 +220,12 @@ def check_same_architecture(base: Checkpoint, experts: Mapping[str, Checkpoint])
                 raise CheckpointError(
                     f"expert '{task}' ({ck.file_of(k)}): tensor '{k}' has shape "
                     f"{ck.shape(k)}, base has {base.shape(k)}"
+                )
+            # float experts of another precision are fine (merged in float32, written in the
+            # base dtype); a float/integer/bool mismatch means another kind of tensor
+            bd, ed = base.dtype(k), ck.dtype(k)
+            if bd != ed and not (bd.is_floating_point and ed.is_floating_point):
+                raise CheckpointError(
+                    f"expert '{task}' ({ck.file_of(k)}): tensor '{k}' has dtype {ed}, "
+                    f"base has {bd}"
                 )

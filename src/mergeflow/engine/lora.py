@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mergeflow import methods
-from mergeflow.io import atomic_dir, load_state_dict, save_state_dict
+from mergeflow.io import atomic_dir, check_finite, load_state_dict, save_state_dict
 from mergeflow.tensors import MergeError
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -37,7 +37,15 @@ def _read(d: Path) -> tuple[dict[str, torch.Tensor], dict]:
         )
     if not w_p.is_file() or not cfg_p.is_file():
         raise MergeError(f"{d}: not a peft adapter (needs adapter_model.safetensors and config)")
-    return load_state_dict(w_p), json.loads(cfg_p.read_text())
+    sd = load_state_dict(w_p)
+    check_finite(sd, str(w_p))
+    try:
+        cfg = json.loads(cfg_p.read_text())
+    except json.JSONDecodeError as exc:
+        raise MergeError(f"{cfg_p}: not valid JSON ({exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise MergeError(f"{cfg_p}: expected a JSON object")
+    return sd, cfg
 
 
 def dense_deltas(sd: Mapping[str, torch.Tensor], cfg: Mapping) -> dict[str, torch.Tensor]:

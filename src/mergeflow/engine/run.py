@@ -205,8 +205,9 @@ def merge_checkpoints(
         :class:`MergeReport`.
 
     Raises:
-        MergeError: Unknown method / hyper-parameter, no experts, NaN/Inf (naming the tensor
-            and file), or a merged value overflowing the base dtype.
+        MergeError: Unknown method / hyper-parameter, no experts, a task name with path parts,
+            an ``out`` that is (or contains) an input, NaN/Inf (naming the tensor and file), or
+            a merged value overflowing the base dtype.
         CheckpointError: Missing/pickled/truncated files, different architectures, a tensor
             missing in an expert or with another shape (naming tensor and file).
 
@@ -216,6 +217,9 @@ def merge_checkpoints(
     hyper = dict(params or {})
     if not experts:
         raise MergeError("no experts given: merging needs at least one fine-tuned expert")
+    for task in experts:
+        _check_task_name(task)
+    _check_out_apart(out, base, experts)
     base_ck = Checkpoint(base, storage_options)
     ex_ck = {t: Checkpoint(p, storage_options) for t, p in experts.items()}
     check_same_architecture(base_ck, ex_ck)
@@ -308,6 +312,37 @@ def merge_checkpoints(
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
     return report
+
+
+def _check_task_name(task: str) -> None:
+    """Task names end up in file names downstream: no path parts, no control characters."""
+    bad = (
+        not task
+        or task in (".", "..")
+        or any(c in task for c in "/\\")
+        or task.startswith("..")
+        or not task.isprintable()
+    )
+    if bad:
+        raise MergeError(
+            f"task name {task!r} is not allowed: use a name without '/', '\\' or a leading '..'"
+        )
+
+
+def _check_out_apart(out: str | Path, base: str, experts: Mapping[str, str]) -> None:
+    """Refuse an ``out`` that is an input or contains one (it is replaced as a whole)."""
+    if "://" in str(out):
+        return
+    o = Path(out).resolve()
+    for label, p in (("the base", base), *((f"expert '{t}'", q) for t, q in experts.items())):
+        if "://" in str(p):
+            continue
+        q = Path(p).resolve()
+        if o == q or o in q.parents:
+            raise MergeError(
+                f"--out {out} would replace {label} ({p}): choose an output directory outside "
+                "the inputs"
+            )
 
 
 def _merge_one(name, b, es, reader, kern, method, hyper, scaling) -> torch.Tensor:

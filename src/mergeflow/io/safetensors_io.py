@@ -9,11 +9,13 @@ time, and so a corrupted or hostile header is refused before any byte of data is
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
 import shutil
 import struct
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -65,6 +67,23 @@ def refuse_pickle(path: str) -> None:
         )
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
 class SafetensorsFile:
     """One safetensors file, read lazily tensor by tensor through fsspec.
 
@@ -86,34 +105,76 @@ class SafetensorsFile:
             if len(raw) < 8:
                 raise CheckpointError(f"{self.path}: truncated (shorter than a safetensors header)")
             (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES or n + 8 > size:
+            if n > MAX_HEADER_BYTES:
                 raise CheckpointError(
-                    f"{self.path}: header length {n} is larger than allowed or than the file "
-                    f"({size} bytes); the file is corrupted or not safetensors"
+                    f"{self.path}: header length {n} exceeds the {MAX_HEADER_BYTES} bytes allowed; "
+                    "the file is corrupted or not safetensors"
+                )
+            if n + 8 > size:
+                raise CheckpointError(
+                    f"{self.path}: header length {n} is larger than the file ({size} bytes); "
+                    "the file is truncated or not safetensors"
                 )
             try:
-                header = json.loads(f.read(n))
+                header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
             except (UnicodeDecodeError, json.JSONDecodeError):
                 raise CheckpointError(f"{self.path}: header is not valid JSON") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            except _DuplicateKey as dup:
+                raise CheckpointError(
+                    f"{self.path}: header names tensor {dup.args[0]!r} twice; the file is corrupted"
+                ) from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is not a JSON object; not safetensors")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise CheckpointError(f"{self.path}: __metadata__ must map strings to strings")
+        self.metadata: dict[str, str] = meta
         self._data_start = 8 + n
         self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(s) for s in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
+            self._entries[name] = self._parse_entry(name, info, size)
+        spans = sorted((e[2], e[3], k) for k, e in self._entries.items() if e[3] > e[2])
+        for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:], strict=False):
+            if begin_b < end_a:
                 raise CheckpointError(
-                    f"{self.path}: tensor {name!r} has a malformed entry"
-                ) from None
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            if begin < 0 or end - begin != nbytes or self._data_start + end > size:
-                raise CheckpointError(
-                    f"{self.path}: tensor {name!r} has offsets outside the file or not matching its "
-                    "shape; the file is truncated or corrupted"
+                    f"{self.path}: tensors {a!r} and {b!r} have overlapping data_offsets; "
+                    "the file is corrupted or crafted"
                 )
-            self._entries[name] = (dtype, shape, begin, end)
+
+    def _parse_entry(
+        self, name: str, info: object, size: int
+    ) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        """Check one header entry: known dtype, non-negative shape, offsets inside the file."""
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed entry")
+        if info.get("dtype") not in _DTYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r} "
+                f"(supported: {', '.join(_DTYPES)})"
+            )
+        dtype = _DTYPES[info["dtype"]]
+        shape_raw, offs = info.get("shape"), info.get("data_offsets")
+        if (
+            not isinstance(shape_raw, list)
+            or not all(_is_int(s) for s in shape_raw)
+            or not isinstance(offs, list)
+            or len(offs) != 2
+            or not all(_is_int(o) for o in offs)
+        ):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a malformed entry")
+        if any(s < 0 for s in shape_raw):
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a negative dimension")
+        shape = tuple(shape_raw)
+        begin, end = offs
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if begin < 0 or end - begin != nbytes or self._data_start + end > size:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} has offsets outside the file or not matching its "
+                "shape; the file is truncated or corrupted"
+            )
+        return dtype, shape, begin, end
 
     def keys(self) -> list[str]:
         """Tensor names in file order."""
@@ -215,7 +276,8 @@ def write_bytes_atomic(
     if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
         p = Path(fpath)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        _sweep_stale(p)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=_tmp_prefix(p), suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -238,28 +300,102 @@ def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def _tmp_prefix(out: Path) -> str:
+    """Temp names carry the writer's pid, so a later writer can tell abandoned ones."""
+    return f".{out.name}.pid{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sweep_stale(out: Path) -> None:
+    """Remove temp files/dirs of ``out`` left by writers that were killed (their pid is gone).
+
+    If a writer died between moving the old ``out`` aside and moving the new one in (only on
+    filesystems without an atomic exchange), the old artifact is put back first.
+    """
+    prefix = f".{out.name}."
+    try:
+        names = os.listdir(out.parent)
+    except FileNotFoundError:
+        return
+    for n in names:
+        rest = n[len(prefix) :]
+        if not n.startswith(prefix) or not rest.startswith(("pid", "old-")):
+            continue
+        digits = rest.removeprefix("pid").removeprefix("old-").split(".", 1)[0]
+        if not digits.isdigit() or _pid_alive(int(digits)):
+            continue
+        stale = out.parent / n
+        if rest.startswith("old-") and not out.exists():
+            with contextlib.suppress(OSError):
+                os.replace(stale, out)
+                continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns:
+        ``False`` where the platform or filesystem does not support it (nothing was changed).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Build a directory in a sibling temp dir, then swap it into place.
 
-    On success the finished directory replaces ``out``; on any error the temp dir is removed and
-    ``out`` is left as it was (old artifact or nothing), never half-written.
+    On success the finished directory replaces ``out`` (on Linux by one atomic exchange, so even a
+    SIGKILL leaves the old or the new directory); on any error the temp dir is removed and ``out``
+    is left as it was (old artifact or nothing), never half-written. Temp dirs carry the pid; the
+    next writer of ``out`` removes those of killed processes.
 
     Yields:
         The temp directory to fill.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    _sweep_stale(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_tmp_prefix(out), suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual directory mode
     try:
         yield tmp
-        old = None
-        if out.exists():
+        if not out.exists():
+            os.replace(tmp, out)
+        elif _exchange(tmp, out):  # one step: readers see the old dir or the new one
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old artifact
+        else:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
+            os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
