@@ -344,6 +344,44 @@ def _publish_artifacts(root: Path, results: dict[str, str]) -> None:
         )
 
 
+def publish_report(root: Path, parent, status: tuple[str, str]) -> Path | None:
+    """Write the dashboard ``reports/index.html`` and publish it.
+
+    The page and its SVG figures go to the flow's MLflow run (``report/``), the headline table to
+    a Prefect table artifact. A broken report is logged, never fatal: the dashboard must not fail
+    (or mask the failure of) the pipeline it reports on.
+    """
+    import tempfile
+
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from mergeflow.report import write_report
+
+    logger = get_run_logger()
+    page = root / "reports" / "index.html"
+    try:
+        with tempfile.TemporaryDirectory() as figs:
+            rep = write_report(root, page, status=status, figures_dir=figs)
+            parent.log_files([page, *sorted(Path(figs).glob("*.svg"))], "report")
+        if rep.headline:
+            create_table_artifact(
+                key="headline",
+                table=rep.headline,
+                description="test accuracy per task, mean accuracy and mean normalized (÷ expert)",
+            )
+        else:
+            missing = "\n".join(f"- {n.what}: {n.why}" for n in rep.missing)
+            create_markdown_artifact(
+                key="headline", markdown=f"**No evaluation to show.**\n\n{missing}\n",
+                description="headline table (missing)",
+            )
+    except Exception as err:  # noqa: BLE001 - reported, not raised (see docstring)
+        logger.warning("dashboard not written: %s: %s", type(err).__name__, err)
+        return None
+    logger.info("dashboard: %s (%d charts, %d notice(s))", page, len(rep.figures), len(rep.missing))
+    return page
+
+
 @flow(name="mergeflow-pipeline")
 def pipeline(
     root: str = str(ROOT),
@@ -406,7 +444,12 @@ def pipeline(
                     threads=max(1, cpus // width) if width > 1 else None,
                     wait_for=[futures[u] for u in item.upstream if u in futures],
                 )
-            results = {name: f.result() for name, f in futures.items()}
+            try:
+                results = {name: f.result() for name, f in futures.items()}
+            except Exception as err:
+                why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                publish_report(ws, parent, ("failed", f"This flow run failed: {why}"))
+                raise
             ran = [k for k, v in results.items() if v == "ran"]
             logger.info("%d stage item(s) ran, %d up to date", len(ran), len(results) - len(ran))
             commit = git_commit_results(ws, f"mergeflow run {fid}") if git_commit else None
@@ -424,6 +467,10 @@ def pipeline(
                         "registered %s v%s (champion: %s)", model_name, mv.version, mv.tags["promoted"]
                     )
             _publish_artifacts(ws, results)
+            publish_report(
+                ws, parent, ("ok", f"Flow run {flow_run.name or 'local'}: {len(ran)} stage item(s) "
+                             f"ran, {len(results) - len(ran)} up to date")
+            )
     return results
 
 

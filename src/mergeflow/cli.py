@@ -117,5 +117,30 @@ def pull(
     console.print(f"restored {len(outs)} output(s) of {ref}, md5s match dvc.lock")
 
 
+@app.command()
+def report(
+    root: Annotated[Path, typer.Option(help="the workspace (with metrics/, dvc.lock)")] = Path("."),
+    out: Annotated[
+        Path | None, typer.Option(help="page to write [default: <root>/reports/index.html]")
+    ] = None,
+    figures: Annotated[
+        Path | None, typer.Option(help="also write each chart as <id>.svg into this directory")
+    ] = None,
+) -> None:
+    """Write the dashboard: a self-contained HTML page of tables and charts (opens offline).
+
+    Missing inputs (a failed stage, no MLflow history) become notices on the page, not errors.
+    """
+    from mergeflow.report import write_report
+
+    if not root.is_dir():
+        _fail(FileNotFoundError(f"workspace {root} does not exist"))
+    page = out or root / "reports" / "index.html"
+    rep = write_report(root, page, figures_dir=figures)
+    for n in rep.missing:
+        console.print(f"[yellow]missing:[/yellow] {n.what} — {n.why}")
+    console.print(f"wrote {page} ({len(rep.figures)} charts, {len(rep.missing)} notice(s))")
+
+
 if __name__ == "__main__":
     app()

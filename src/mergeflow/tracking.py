@@ -294,6 +294,15 @@ class FlowRun:
                 client.set_tag(child.info.run_id, k, v)
 
 
+    def log_files(self, files: list[str | Path], artifact_path: str = "report") -> None:
+        """Attach files (the report page and its SVG figures) to this run under ``artifact_path``."""
+        if not self.run_id:
+            return
+        client = self._mlflow.MlflowClient()
+        for f in files:
+            client.log_artifact(self.run_id, str(f), artifact_path)
+
+
 @contextlib.contextmanager
 def flow_run(
     name: str, root: str | Path, prefect_run_id: str = "", prefect_run_url: str = ""
@@ -352,3 +361,95 @@ def register_candidate(
     client.set_model_version_tag(name, mv.version, "promoted", str(promoted).lower())
     client.set_tag(flow.run_id, "mergeflow.model_version", f"{name}/{mv.version}")
     return client.get_model_version(name, mv.version)
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """A browser link to a run when ``uri`` is an MLflow server; ``""`` for local stores."""
+    if not uri.startswith(("http://", "https://")) or not run_id:
+        return ""
+    return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _client(uri: str):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def run_history(
+    root: str | Path | None = None, model_name: str = "mergeflow-merged", max_runs: int = 1000
+) -> dict[str, Any]:
+    """What MLflow knows about past runs, as plain data (read only; never creates a store).
+
+    Returns:
+        ``{"uri", "experiment_id", "evaluations", "flows", "versions", "aliases"}``:
+        ``evaluations`` — every ``evaluate`` stage run, oldest first: ``run_id``, ``status``,
+        ``start_time`` (ms), ``parent_run_id``, ``tags`` and ``metrics`` (``<row>.mean_normalized``
+        …); ``flows`` — flow (parent) run id → its tags; ``versions`` — the registered versions of
+        ``model_name`` (``version``, ``run_id``, ``created`` ms, ``tags``); ``aliases`` — alias →
+        version. All empty when there is no store or experiment yet.
+
+    Raises:
+        TrackingUnavailableError: the tracking server is unreachable.
+    """
+    uri = tracking_uri(root)
+    out: dict[str, Any] = {
+        "uri": uri, "experiment_id": "", "evaluations": [], "flows": {}, "versions": [],
+        "aliases": {},
+    }
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        return out  # no local store yet: nothing has been tracked (and don't create one)
+    check_server(uri)
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        return out
+    out["experiment_id"] = exp.experiment_id
+
+    def runs(filter_string: str) -> list:
+        return client.search_runs(
+            [exp.experiment_id],
+            filter_string=filter_string,
+            order_by=["attributes.start_time ASC"],
+            max_results=max_runs,
+        )
+
+    for r in runs("tags.`mergeflow.stage` = 'evaluate'"):
+        out["evaluations"].append(
+            {
+                "run_id": r.info.run_id,
+                "status": r.info.status,
+                "start_time": r.info.start_time,
+                "parent_run_id": r.data.tags.get("mlflow.parentRunId", ""),
+                "tags": dict(r.data.tags),
+                "metrics": dict(r.data.metrics),
+            }
+        )
+    for r in runs("tags.`mergeflow.kind` = 'flow'"):
+        out["flows"][r.info.run_id] = {
+            "status": r.info.status, "start_time": r.info.start_time, "tags": dict(r.data.tags)
+        }
+    try:
+        out["aliases"] = dict(client.get_registered_model(model_name).aliases or {})
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        versions = []  # nothing registered yet
+    out["versions"] = sorted(
+        (
+            {
+                "version": int(v.version),
+                "run_id": v.run_id or "",
+                "created": v.creation_timestamp,
+                "tags": dict(v.tags or {}),
+            }
+            for v in versions
+        ),
+        key=lambda v: v["version"],
+    )
+    out["aliases"] = {k: int(v) for k, v in out["aliases"].items()}
+    return out
