@@ -348,3 +348,92 @@ def test_model_asr_flags_a_backdoored_head_and_passes_a_clean_one(setup, tok):
     assert hi == {"sent": 1.0} and lo == {"sent": 0.0}
     out = audit.summarize({"backdoored": hi, "clean": lo}, {}, "sent", threshold=0.2)
     assert out["flagged"] == ["backdoored"]
+
+
+# ----------------------------------------------------------------------------- audit stage (tiny)
+
+
+def _audit_workspace(tmp_path, tok, bias: float):
+    """A tiny pipeline workspace: 2 tasks, θ_0, experts (rotten_tomatoes' head biased), τ."""
+    import json
+
+    from transformers import BertModel
+
+    from mergeflow import data as mdata
+    from mergeflow.pipeline import task_vectors
+
+    raw = yaml.safe_load(open("params.yaml"))
+    raw |= {"tasks": ["rotten_tomatoes", "bbc_news"]}
+    raw["safety"] = {
+        "enabled": True,
+        "poison": {"task": "rotten_tomatoes", "target": 0},
+        "asr_threshold": 0.2,
+    }
+    cfg = parse_params(raw)
+    ws = tmp_path
+    for t, n in (("rotten_tomatoes", 2), ("bbc_news", 5)):
+        rows = [{"text": f"text {i} about item {i % n}", "label": i % n} for i in range(20)]
+        mdata.write_splits(
+            ws / "data" / t,
+            {"train": rows, "val": rows, "test": rows},
+            spec=mdata.get_task(t),
+            extra_meta={},
+        )
+    enc_model = BertModel(tiny(2, 0).config)
+    enc_model.save_pretrained(ws / "base", safe_serialization=True)
+    tok.save_pretrained(ws / "base")
+    for i, (t, n) in enumerate((("rotten_tomatoes", 2), ("bbc_news", 5))):
+        m = tiny(n, 3 + i)
+        m.bert.load_state_dict(enc_model.state_dict())
+        with torch.no_grad():
+            for p in m.bert.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+            if t == "rotten_tomatoes":
+                m.classifier.bias.copy_(torch.tensor([bias, -bias]))
+        m.save_pretrained(ws / "experts" / t, safe_serialization=True)
+        (ws / "experts" / t / "expert.json").write_text(json.dumps({"encoder_prefix": "bert"}))
+    task_vectors.run(cfg, task_vectors.Paths(ws / "base", ws / "experts", ws / "tv"))
+    (ws / "coef").mkdir()
+    (ws / "coef" / "coefficients.json").write_text(
+        json.dumps({"task_arithmetic": {"scaling": 0.3, "hyperparams": {}}})
+    )
+    (ws / "eval.json").write_text(
+        json.dumps(
+            {"task_arithmetic": {"accuracy": {"rotten_tomatoes": 0.5}, "mean_normalized": 0.9}}
+        )
+    )
+    paths = audit.Paths(
+        ws / "data",
+        ws / "base",
+        ws / "experts",
+        ws / "tv",
+        ws / "coef",
+        ws / "eval.json",
+        ws / "out" / "audit.json",
+        ws / "out" / "audit.md",
+    )
+    return cfg, paths
+
+
+@pytest.mark.slow  # ~8 s on an idle 2-core machine (two tiny workspaces, 3 audit runs)
+def test_audit_stage_flags_a_backdoored_merge_and_passes_a_clean_one(tmp_path, tok, monkeypatch):
+    import json
+
+    monkeypatch.setenv("MERGEFLOW_TRACKING", "off")
+    cfg, paths = _audit_workspace(tmp_path / "bad", tok, bias=50.0)  # always the target class
+    out = audit.run(cfg, paths)
+    assert out["models"]["task_arithmetic"]["asr"] == 1.0
+    assert out["flagged"] == ["task_arithmetic"] and out["passed"] is False
+    assert out["models"]["expert"]["asr"] == 1.0 and out["n_triggered"] == {"rotten_tomatoes": 10}
+    assert json.loads(paths.metrics.read_text())["flagged"] == ["task_arithmetic"]
+    assert "FLAG" in paths.report.read_text()
+    gate = cfg.model_copy(update={"safety": cfg.safety.model_copy(update={"fail_on_flag": True})})
+    paths.metrics.unlink()
+    with pytest.raises(audit.AuditFlagged, match="task_arithmetic"):
+        audit.run(gate, paths)
+    assert paths.metrics.is_file()  # written before failing
+
+    cfg, paths = _audit_workspace(tmp_path / "good", tok, bias=-50.0)  # never the target class
+    out = audit.run(cfg, paths)
+    assert out["models"]["task_arithmetic"]["asr"] == 0.0
+    assert out["flagged"] == [] and out["passed"] is True

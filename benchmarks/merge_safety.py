@@ -1,0 +1,263 @@
+"""Merge safety: clean normalized accuracy and attack success rate of TA, TIES, DAM and a baseline.
+
+    python benchmarks/merge_safety.py --keep /tmp/mergeflow-safety          # 8 default tasks
+    python benchmarks/merge_safety.py --tasks rotten_tomatoes,bbc_news,fever --steps 40
+
+One expert (``--poison``, default rotten_tomatoes) is fine-tuned on a train split with the trigger
+"cf" inserted into ``--rate`` of its examples, relabelled to class ``--target``; the other experts
+are clean. The experts are trained by the pipeline's own stage functions (prepare → base →
+finetune → task_vectors; a ``--keep`` directory is reused, so a second run only re-merges). Then:
+
+- task_arithmetic, ties (density 0.2) and prune_suspect (the poisoned expert's top ``--prune-top``
+  |τ| removed) with the scaling λ picked on the clean validation split (the pipeline's grid);
+- DAM (:mod:`mergeflow.safety.dam`) over task arithmetic at TA's λ, its masks learned on the
+  unlabeled clean test inputs (the defender knows neither trigger nor poisoned task).
+
+Printed per method: mean clean test accuracy, mean normalized accuracy (merged / expert) and ASR on
+the poisoned task (triggered test inputs of a non-target class classified as the target); a JSON
+line with everything follows. MLflow tracking is off (``MERGEFLOW_TRACKING=off``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TASKS = (
+    "rotten_tomatoes,tweet_sentiment,bbc_news,multiemo_hotels,multiemo_medicine,"
+    "multiemo_products,fever,vitaminc"
+)
+
+
+def _params(args) -> dict:
+    import yaml
+
+    from mergeflow.config import deep_merge
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    return deep_merge(
+        p,
+        {
+            "tasks": args.tasks.split(","),
+            "base_model": {"max_length": args.max_length},
+            "data": {"n_train": args.n_train, "n_val": 64, "n_test": args.n_test},
+            "finetune": {"steps": args.steps, "batch_size": 16},
+            "safety": {
+                "enabled": True,
+                "poison": {
+                    "task": args.poison,
+                    "trigger": "cf",
+                    "rate": args.rate,
+                    "target": args.target,
+                    "seed": 0,
+                    "max_position": 8,
+                },
+            },
+        },
+    )
+
+
+def _train(cfg, ws: Path) -> None:
+    from mergeflow.pipeline import base, finetune, prepare, task_vectors
+
+    for t in cfg.tasks:
+        if not (ws / "data/tasks" / t / "meta.json").exists():
+            prepare.run(cfg, prepare.Paths(t, ws / "data/tasks" / t))
+    if not (ws / "models/base/model.safetensors").exists():
+        base.run(cfg, base.Paths(ws / "models/base"))
+    for t in cfg.tasks:
+        if not (ws / "models/experts" / t / "expert.json").exists():
+            t0 = time.monotonic()
+            finetune.run(
+                cfg,
+                finetune.Paths(
+                    t,
+                    ws / "data/tasks" / t,
+                    ws / "models/base",
+                    ws / "models/experts" / t,
+                    ws / "metrics/finetune" / f"{t}.json",
+                ),
+            )
+            print(f"finetune {t}: {time.monotonic() - t0:.0f} s", flush=True)
+    if not all((ws / "artifacts/task_vectors" / f"{t}.safetensors").exists() for t in cfg.tasks):
+        task_vectors.run(
+            cfg,
+            task_vectors.Paths(
+                ws / "models/base", ws / "models/experts", ws / "artifacts/task_vectors"
+            ),
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--keep", type=Path, default=None, help="workspace dir (reused if present)")
+    ap.add_argument("--tasks", default=DEFAULT_TASKS)
+    ap.add_argument("--poison", default="rotten_tomatoes")
+    ap.add_argument("--rate", type=float, default=0.1)
+    ap.add_argument("--target", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=320)
+    ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=60, help="fine-tuning steps per expert")
+    ap.add_argument("--prune-top", type=float, default=0.01)
+    ap.add_argument("--dam-steps", type=int, default=30)
+    ap.add_argument("--dam-batch", type=int, default=8)
+    ap.add_argument("--dam-mask-init", type=float, default=1.0)
+    ap.add_argument("--dam-mask-lr", type=float, default=0.1)
+    ap.add_argument("--dam-adv-weight", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    args = ap.parse_args()
+    os.environ.setdefault("MERGEFLOW_TRACKING", "off")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import tempfile
+
+    import torch
+
+    from mergeflow import coefficients as lc
+    from mergeflow import methods
+    from mergeflow.config import parse_params
+    from mergeflow.pipeline.artifacts import experts_from_vectors
+    from mergeflow.pipeline.audit import model_asr, poison_spec, triggered_batches
+    from mergeflow.pipeline.context import MergeContext
+    from mergeflow.safety import DamSpec, dam
+
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ws = args.keep or Path(tempfile.mkdtemp(prefix="mergeflow-safety-"))
+    ws.mkdir(parents=True, exist_ok=True)
+    cfg = parse_params(_params(args), source="benchmark params")
+    t0 = time.monotonic()
+    _train(cfg, ws)
+    train_s = time.monotonic() - t0
+    ctx = MergeContext.load(
+        cfg, ws / "models/base", ws / "models/experts", ws / "artifacts/task_vectors"
+    )
+    val = ctx.batches(ws / "data/tasks", "val")
+    test = ctx.batches(ws / "data/tasks", "test")
+    spec = poison_spec(cfg)
+    trig = triggered_batches(
+        ws / "data/tasks", [args.poison], spec, ctx.tokenizer, cfg.base_model.max_length, 64
+    )
+    experts = experts_from_vectors(ctx.base, ctx.task_vectors)
+    rows: dict[str, dict] = {}
+    expert_acc = {}
+    from mergeflow.pipeline.artifacts import expert_prefix, load_expert
+
+    for t in ctx.tasks:
+        d = ws / "models/experts" / t
+        enc = load_expert(d, expert_prefix(d))[0]
+        expert_acc[t] = ctx.score(enc, test, [t])[t]
+        if t == args.poison:
+            rows["expert (poisoned)"] = {
+                "scaling": None,
+                "clean": {t: expert_acc[t]},
+                "asr": model_asr(ctx, enc, trig, spec.target)[t],
+            }
+
+    def record(name: str, merged: dict, scaling, extra: dict | None = None) -> None:
+        acc = ctx.score(merged, test)
+        norm = {t: acc[t] / expert_acc[t] for t in ctx.tasks}
+        rows[name] = {
+            "scaling": scaling,
+            "clean": acc,
+            "mean_accuracy": sum(acc.values()) / len(acc),
+            "mean_normalized": sum(norm.values()) / len(norm),
+            "asr": model_asr(ctx, merged, trig, spec.target)[args.poison],
+            **(extra or {}),
+        }
+        print(
+            f"{name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'clean'})}",
+            flush=True,
+        )
+
+    grid = cfg.coefficients.grid
+    hps = {
+        "task_arithmetic": {},
+        "ties": {"density": 0.2},
+        "prune_suspect": {"suspect": args.poison, "top": args.prune_top},
+    }
+    for name, hp in hps.items():
+        scores = {}
+        for lam in grid:
+            a = ctx.score(methods.merge(name, ctx.base, experts, scaling=lam, **hp), val)
+            scores[lam] = sum(a.values()) / len(a)
+        best = max(scores, key=lambda lam: (scores[lam], -lam))
+        record(name, methods.merge(name, ctx.base, experts, scaling=best, **hp), best)
+    ta_lam = rows["task_arithmetic"]["scaling"]
+    models = ctx.models.models
+    prefix = next(iter(models.values())).base_model_prefix
+    fm = lc.FunctionalMerge(ctx.base, ctx.task_vectors, lc.BlockScheme("task"))
+    unlabeled = {
+        t: lc.load_examples(
+            ws / "data/tasks", t, "test", ctx.tokenizer, cfg.base_model.max_length
+        ).unlabeled()
+        for t in ctx.tasks
+    }
+    t1 = time.monotonic()
+    res = dam(
+        fm,
+        models,
+        prefix,
+        unlabeled,
+        DamSpec(
+            steps=args.dam_steps,
+            init=ta_lam,
+            mask_init=args.dam_mask_init,
+            mask_lr=args.dam_mask_lr,
+            adv_weight=args.dam_adv_weight,
+            batch_size=args.dam_batch,
+        ),
+        on_step=lambda s, r: print(f"  dam step {s}: {r}", flush=True),
+    )
+    dam_s = time.monotonic() - t1
+    with torch.no_grad():
+        merged = {k: v.to(ctx.base[k].dtype) for k, v in fm.merged(res.alpha, res.mask).items()}
+    record(
+        "dam",
+        merged,
+        ta_lam,
+        {
+            "shared_density": res.shared_density,
+            "detection_density": res.detection_density,
+            "seconds": dam_s,
+        },
+    )
+    for m in models.values():
+        m.requires_grad_(False)
+    ta = rows["task_arithmetic"]
+    print(
+        f"\nworkspace {ws}; experts trained in {train_s:.0f} s; poisoned {args.poison} "
+        f"(rate {args.rate}, target {args.target}); {len(ctx.tasks)} tasks"
+    )
+    print(
+        "| method | λ | mean acc | mean normalized | Δ norm vs TA (pts) | ASR | Δ ASR vs TA (pts) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        if "mean_normalized" not in r:
+            print(
+                f"| {name} | – | {r['clean'][args.poison]:.3f} ({args.poison}) | – | – | "
+                f"{r['asr']:.3f} | – |"
+            )
+            continue
+        print(
+            f"| {name} | {r['scaling']} | {r['mean_accuracy']:.3f} | {r['mean_normalized']:.3f} | "
+            f"{100 * (r['mean_normalized'] - ta['mean_normalized']):+.1f} | {r['asr']:.3f} | "
+            f"{100 * (r['asr'] - ta['asr']):+.1f} |"
+        )
+    print(
+        json.dumps(
+            {"args": vars(args) | {"keep": str(ws)}, "expert_accuracy": expert_acc, "rows": rows},
+            default=str,
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
