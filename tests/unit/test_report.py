@@ -368,3 +368,53 @@ def test_learned_coefficient_heatmaps(workspace):
     assert any(t.endswith("alpha · L0: 0.300") for t in
                (c.find(f"{NS}title").text for c in root.iter(f"{NS}rect") if c.get("class") == "cell"))
     assert [n.what for n in sec.notices] == ["artifacts/coefficients/junk.safetensors"]
+
+
+@pytest.mark.slow
+def test_history_and_lineage_from_a_real_local_mlflow_store(workspace, monkeypatch):
+    """run_history's queries against a real MLflow store: runs, registry, aliases, report links."""
+    from mergeflow import tracking
+
+    monkeypatch.chdir(workspace)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MERGEFLOW_TRACKING", raising=False)
+    assert tracking.run_history(workspace)["evaluations"] == []  # no store yet: nothing, no file
+    assert not (workspace / "mlflow.db").exists()
+    model = workspace / "model"
+    model.mkdir()
+    (model / "merge.json").write_text("{}")
+    from mlflow import MlflowClient
+
+    from mergeflow.io import tree_md5
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(workspace))
+    versions = []
+    for score in (0.9, 0.85):
+        with tracking.flow_run("flow", workspace) as parent:
+            # the evaluate stage's run as stage_run logs it from its own process, nested
+            exp = client.get_run(parent.run_id).info.experiment_id
+            child = client.create_run(exp, run_name="evaluate", tags={
+                "mergeflow.stage": "evaluate", "mlflow.parentRunId": parent.run_id,
+                "output.metrics.md5": tree_md5(workspace / "metrics" / "eval.json"),
+            })
+            client.log_metric(child.info.run_id, "ties.mean_normalized", score)
+            client.log_metric(child.info.run_id, "tall_masks.mean_normalized", 0.99)
+            client.set_terminated(child.info.run_id)
+            versions.append(tracking.register_candidate(parent, model, "mergeflow-merged", score))
+            parent.log_files([workspace / "metrics" / "eval.json"], "report")
+    hist = tracking.run_history(workspace)
+    assert [e["metrics"]["ties.mean_normalized"] for e in hist["evaluations"]] == [0.9, 0.85]
+    assert [v["version"] for v in hist["versions"]] == [1, 2]
+    assert hist["aliases"] == {"champion": 1, "candidate": 2}  # 0.85 < 0.9: not promoted
+    assert set(hist["flows"]) == {v.run_id for v in versions}
+    series, _, _ = history_series(hist)
+    assert [y for _, y in series["champion (registered model)"]] == [0.9]
+    assert [y for _, y in series["registered version"]] == [0.9, 0.85]
+
+    rep = build_report(workspace)
+    assert "history" in rep.figures and "mergeflow-merged v1</strong>" in sections(rep)["history"].intro
+    lineage = sections(rep)["lineage"].body
+    assert "registered as <strong>mergeflow-merged v2</strong>" in lineage  # matched by md5
+    assert [a.path for a in client.list_artifacts(versions[0].run_id, "report")] == [
+        "report/eval.json"
+    ]
