@@ -14,7 +14,7 @@ from transformers import (
 
 from mergeflow import compression, masks, tensors
 from mergeflow.compression import ArchiveError
-from mergeflow.io import CheckpointError, save_state_dict
+from mergeflow.io import CheckpointError, SafetensorsFile, save_state_dict
 from mergeflow.models.hf import split_state_dict
 
 
@@ -36,7 +36,7 @@ def synthetic(n_tasks=3, seed=0):
     return base, tvs
 
 
-def build(tmp_path, include_base=False, mtl_dtype="float16"):
+def build(tmp_path, include_base=False, mtl_dtype="float16", consensus_k=None):
     base, tvs = synthetic()
     mtl = tensors.sum_all(list(tvs.values()))
     m = masks.tall_masks_from_vectors(tvs, 0.4, mtl=mtl)
@@ -52,6 +52,7 @@ def build(tmp_path, include_base=False, mtl_dtype="float16"):
         heads,
         include_base=include_base,
         mtl_dtype=mtl_dtype,
+        consensus_k=consensus_k,
     )
     return base, mtl, m
 
@@ -114,7 +115,7 @@ def test_bad_archives_fail_clearly(tmp_path):
     }
     packed, meta = masks.pack_masks(other)
     save_state_dict(packed, arc / "masks.safetensors", metadata=meta)
-    with pytest.raises(ArchiveError, match="does not fit"):
+    with pytest.raises(ArchiveError, match="belong to other models"):
         compression.load(arc, "t0")
     (arc / "manifest.json").write_text("{not json")
     with pytest.raises(ArchiveError, match="corrupted"):
@@ -185,3 +186,112 @@ def test_export_loads_with_from_pretrained(tmp_path):
     for k, v in rec.items():
         assert loaded.bert.state_dict()[k].equal(v), k
     assert loaded.classifier.weight.equal(heads["t1"]["classifier.weight"])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_consensus_archive_is_bit_exact_and_compact(tmp_path, k):
+    base, mtl, m = build(tmp_path, include_base=True, mtl_dtype="float16", consensus_k=k)
+    arc = tmp_path / "arc"
+    assert compression.manifest(arc)["consensus_k"] == k
+    cons = masks.consensus_mask(m, k=k)
+    stored = {n: v.half() for n, v in mtl.items()}
+    for t in m:
+        enc, _ = compression.load(arc, t)
+        for n, v in base.items():
+            if n in m[t]:
+                keep = (m[t][n] & cons[n]).float()
+                assert enc[n].equal((v.float() + keep * stored[n].float()).to(v.dtype)), (t, n)
+            else:
+                assert enc[n].equal(v)
+    n_kept = sum(int(c.sum()) for c in cons.values())
+    assert SafetensorsFile(arc / "mtl.safetensors").nbytes() == 2 * n_kept
+
+
+def test_consensus_k1_is_lossless(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    build(tmp_path / "a", include_base=True)
+    _, _, m = build(tmp_path / "b", include_base=True, consensus_k=1)
+    for t in m:
+        dense, _ = compression.load(tmp_path / "a/arc", t)
+        compact, _ = compression.load(tmp_path / "b/arc", t)
+        assert all(dense[n].equal(compact[n]) for n in dense)
+
+
+def test_masks_for_other_shapes_are_refused_before_writing(tmp_path):
+    base, tvs = synthetic()
+    mtl = tensors.sum_all(list(tvs.values()))
+    other = {
+        t: {"w": torch.ones(48, 64, dtype=torch.bool), "b": torch.ones(13, dtype=torch.bool)}
+        for t in tvs
+    }  # same byte count as (64, 48), other shape
+    packed, meta = masks.pack_masks(other)
+    save_state_dict(packed, tmp_path / "m.safetensors", metadata=meta)
+    save_state_dict(base, tmp_path / "base.safetensors")
+    heads = {t: {"h": torch.ones(1)} for t in tvs}
+    with pytest.raises(ArchiveError, match=r"made for shape \[48, 64\].*\[64, 48\]"):
+        compression.write_archive(
+            tmp_path / "arc", tmp_path / "base.safetensors", mtl, tmp_path / "m.safetensors", heads
+        )
+    with pytest.raises(ArchiveError, match="consensus_k"):
+        compression.write_archive(
+            tmp_path / "arc",
+            tmp_path / "base.safetensors",
+            mtl,
+            tmp_path / "m.safetensors",
+            heads,
+            consensus_k=0,
+        )
+    assert not (tmp_path / "arc").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "victim", ["masks.safetensors", "base.safetensors", "heads/t1.safetensors"]
+)
+def test_truncated_archive_files_fail_clearly(tmp_path, victim):
+    build(tmp_path, include_base=True, consensus_k=2)
+    f = tmp_path / "arc" / victim
+    f.write_bytes(f.read_bytes()[:-40])
+    with pytest.raises((ArchiveError, CheckpointError), match="truncated|corrupted"):
+        compression.load(tmp_path / "arc", "t1")
+
+
+def test_missing_head_and_unknown_task_on_export(tmp_path):
+    build(tmp_path, include_base=True)
+    with pytest.raises(ArchiveError, match="'zz' is not in the archive"):
+        compression.export(tmp_path / "arc", "zz", tmp_path / "out")
+    (tmp_path / "arc/heads/t0.safetensors").unlink()
+    with pytest.raises(ArchiveError, match="head of task 't0' is missing"):
+        compression.load(tmp_path / "arc", "t0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_reconstruction_streams_one_tensor_at_a_time(tmp_path):
+    """Peak Python-heap bytes while streaming θ_t stay near one tensor, not the model."""
+    import tracemalloc
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"l{i}.w": torch.randn(256, 256, generator=g) for i in range(16)}
+    mtl = {k: 0.01 * torch.randn(256, 256, generator=g) for k in base}
+    tvs = {f"t{j}": {k: torch.rand(256, 256, generator=g) < 0.5 for k in base} for j in range(3)}
+    packed, meta = masks.pack_masks(tvs)
+    save_state_dict(packed, tmp_path / "m.safetensors", metadata=meta)
+    save_state_dict(base, tmp_path / "base.safetensors")
+    compression.write_archive(
+        tmp_path / "arc",
+        tmp_path / "base.safetensors",
+        mtl,
+        tmp_path / "m.safetensors",
+        {t: {"h": torch.ones(1)} for t in tvs},
+        mtl_dtype="float32",
+        include_base=True,
+    )
+    model_bytes = sum(v.numel() * 4 for v in base.values())
+    tracemalloc.start()
+    n = sum(1 for _ in compression.iter_task(tmp_path / "arc", "t2"))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert n == 16
+    # one tensor is 1/16 of the model: θ_0, τ_MTL and the mask are read lazily per tensor
+    assert peak < model_bytes / 4
