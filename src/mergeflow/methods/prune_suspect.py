@@ -8,8 +8,9 @@ suspect's |τ| is removed before task arithmetic (Ilharco et al., ICLR 2023):
 
     θ = θ_0 + λ (Σ_{t ≠ s} τ_t + τ_s ⊙ 1[|τ_s| < thr_s]),
 
-thr_s the (1 − top) quantile of |vec(τ_s)| over the whole model. ``suspect: null`` treats every
-expert as suspect (each loses its own top fraction).
+thr_s the (1 − top) quantile of |τ_s| within each tensor (per layer, as fine-pruning prunes per
+layer; per-tensor statistics also let the streaming engine run it tensor by tensor).
+``suspect: null`` treats every expert as suspect (each loses its own top fraction).
 """
 
 from __future__ import annotations
@@ -26,8 +27,7 @@ from mergeflow.methods.registry import (
     register,
     stacked_deltas,
 )
-from mergeflow.methods.ties import global_threshold
-from mergeflow.tensors import MergeError, StateDict
+from mergeflow.tensors import MergeError, StateDict, magnitude_threshold
 
 PAPER = (
     "Liu, Dolan-Gavitt, Garg. Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
@@ -70,17 +70,15 @@ def prune_suspect(
         raise MergeError(
             f"prune_suspect: suspect {params.suspect!r} is not one of the experts ({tasks})"
         )
-    keys = mergeable_keys(base)
-    pruned = [params.suspect] if params.suspect is not None else tasks
-    thr = {t: global_threshold(base, experts[t], keys, params.top) for t in pruned}
+    pruned = [tasks.index(params.suspect)] if params.suspect is not None else range(len(tasks))
 
     def deltas() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in keys:
+        for name in mergeable_keys(base):
             tau = stacked_deltas(base, experts, name)
-            for t, th in thr.items():
-                row = tau[tasks.index(t)]
-                if th > 0:
-                    row.masked_fill_(row.abs() >= th, 0.0)
+            for i in pruned:
+                row = tau[i]
+                if row.numel():
+                    row.masked_fill_(row.abs() >= magnitude_threshold(row, params.top), 0.0)
             yield name, tau.sum(0)
 
     return assemble(base, deltas(), params.scaling)
