@@ -142,5 +142,48 @@ def report(
     console.print(f"wrote {page} ({len(rep.figures)} charts, {len(rep.missing)} notice(s))")
 
 
+@app.command("export-task")
+def export_task(
+    archive: Annotated[Path, typer.Option(help="TALL archive dir (artifacts/compressed)")],
+    task: Annotated[str, typer.Option(help="task to reconstruct")],
+    out: Annotated[Path, typer.Option(help="model dir to write (from_pretrained loads it)")],
+    base: Annotated[
+        Path | None,
+        typer.Option(help="base model dir: θ_0 if the archive references it, and the tokenizer"),
+    ] = Path("models/base"),
+) -> None:
+    """Rebuild one expert θ_t = θ_0 + m_t ⊙ τ_MTL from a TALL archive as a Hugging Face model."""
+    from mergeflow.compression import ArchiveError, export
+    from mergeflow.io import CheckpointError
+
+    try:
+        export(archive, task, out, base if base is not None and base.exists() else None)
+    except (ArchiveError, CheckpointError, OSError) as err:
+        _fail(err)
+    console.print(f"wrote {out} (task {task} from {archive})")
+
+
+@app.command("lora-lego")
+def lora_lego(
+    adapters: Annotated[list[Path], typer.Argument(help="peft LoRA adapter dirs to merge")],
+    out: Annotated[Path, typer.Option(help="adapter dir to write (PeftModel loads it)")],
+    rank: Annotated[int, typer.Option(help="target rank k (clusters per module)")] = 8,
+    seed: Annotated[int, typer.Option(help="k-means seed")] = 0,
+) -> None:
+    """Merge LoRA adapters by clustering their rank-1 units (LoRA-LEGO, Zhao et al. ICLR 2025)."""
+    from mergeflow.compression.lora_lego import write_adapter
+    from mergeflow.models.hf import ModelError
+    from mergeflow.tensors import MergeError
+
+    try:
+        info = write_adapter({str(p): p for p in adapters}, out, rank, seed=seed)
+    except (MergeError, ModelError, OSError) as err:
+        _fail(err)
+    console.print(
+        f"wrote {out}: {info['units_pooled']} rank-1 units → rank {rank} "
+        f"(dropped: {', '.join(info['dropped_tensors']) or 'none'})"
+    )
+
+
 if __name__ == "__main__":
     app()

@@ -295,3 +295,20 @@ def test_reconstruction_streams_one_tensor_at_a_time(tmp_path):
     assert n == 16
     # one tensor is 1/16 of the model: θ_0, τ_MTL and the mask are read lazily per tensor
     assert peak < model_bytes / 4
+
+
+def test_export_task_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    build(tmp_path, include_base=True)
+    (tmp_path / "arc/configs/t0.json").write_text(json.dumps({"model_type": "bert"}))
+    args = ["export-task", "--archive", str(tmp_path / "arc"), "--base", str(tmp_path / "nobase")]
+    res = CliRunner().invoke(app, [*args, "--task", "zz", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "'zz' is not in the archive" in " ".join(res.output.split())
+    assert not (tmp_path / "o").exists()
+    res = CliRunner().invoke(app, [*args, "--task", "t0", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    sd = SafetensorsFile(tmp_path / "o/model.safetensors")
+    assert {"w", "b", "classifier.weight"} <= set(sd.keys())

@@ -151,3 +151,18 @@ def test_bad_input(tmp_path):
     with pytest.raises(Exception, match="safetensors"):
         lego.write_adapter({"p": tmp_path / "pickled"}, tmp_path / "out", 2)
     assert not (tmp_path / "out").exists()
+
+
+def test_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    ads = [str(make_adapter(tmp_path / t, seed=i)) for i, t in enumerate("ab")]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["lora-lego", *ads, "--out", str(out), "--rank", "0"])
+    assert res.exit_code == 2 and "rank must be" in " ".join(res.output.split())
+    assert not out.exists()
+    res = CliRunner().invoke(app, ["lora-lego", *ads, "--out", str(out), "--rank", "5"])
+    assert res.exit_code == 0, res.output
+    assert read(out)[1]["r"] == 5
