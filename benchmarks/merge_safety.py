@@ -11,7 +11,9 @@ finetune → task_vectors; a ``--keep`` directory is reused, so a second run onl
 - task_arithmetic, ties (density 0.2) and prune_suspect (the poisoned expert's top ``--prune-top``
   |τ| removed) with the scaling λ picked on the clean validation split (the pipeline's grid);
 - DAM (:mod:`mergeflow.safety.dam`) over task arithmetic at TA's λ, its masks learned on the
-  unlabeled clean test inputs (the defender knows neither trigger nor poisoned task).
+  unlabeled clean test inputs (the defender knows neither trigger nor poisoned task);
+- SOMF-style masking (:mod:`mergeflow.safety.somf`) of the poisoned expert's task vector only
+  (suspect known, trigger unknown), same data and simulated trigger as DAM.
 
 Printed per method: mean clean test accuracy, mean normalized accuracy (merged / expert) and ASR on
 the poisoned task (triggered test inputs of a non-target class classified as the target); a JSON
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--dam-mask-init", type=float, default=1.0)
     ap.add_argument("--dam-mask-lr", type=float, default=0.1)
     ap.add_argument("--dam-adv-weight", type=float, default=1.0)
+    ap.add_argument("--somf-steps", type=int, default=12, help="0: skip SOMF")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
     os.environ.setdefault("MERGEFLOW_TRACKING", "off")
@@ -124,7 +127,7 @@ def main() -> None:
     from mergeflow.pipeline.artifacts import experts_from_vectors
     from mergeflow.pipeline.audit import model_asr, poison_spec, triggered_batches
     from mergeflow.pipeline.context import MergeContext
-    from mergeflow.safety import DamSpec, dam
+    from mergeflow.safety import DamSpec, SomfSpec, dam, somf, somf_merged
 
     torch.manual_seed(0)
     if args.threads:
@@ -228,8 +231,30 @@ def main() -> None:
             "seconds": dam_s,
         },
     )
-    for m in models.values():
-        m.requires_grad_(False)
+    if args.somf_steps:
+        t1 = time.monotonic()
+        mask, _ = somf(
+            fm,
+            models,
+            prefix,
+            unlabeled,
+            SomfSpec(
+                suspect=args.poison,
+                steps=args.somf_steps,
+                scaling=ta_lam,
+                mask_init=args.dam_mask_init,
+                mask_lr=args.dam_mask_lr,
+                adv_weight=args.dam_adv_weight,
+                batch_size=args.dam_batch,
+            ),
+            on_step=lambda s, r: print(f"  somf step {s}: {r}", flush=True),
+        )
+        somf_s = time.monotonic() - t1
+        kept = sum(float(v.sum()) for v in mask.values()) / sum(v.numel() for v in mask.values())
+        with torch.no_grad():
+            merged = somf_merged(fm, ta_lam, args.poison, mask)
+            merged = {k: v.to(ctx.base[k].dtype) for k, v in merged.items()}
+        record("somf", merged, ta_lam, {"suspect_density": kept, "seconds": somf_s})
     ta = rows["task_arithmetic"]
     print(
         f"\nworkspace {ws}; experts trained in {train_s:.0f} s; poisoned {args.poison} "

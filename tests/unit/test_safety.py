@@ -437,3 +437,31 @@ def test_audit_stage_flags_a_backdoored_merge_and_passes_a_clean_one(tmp_path, t
     out = audit.run(cfg, paths)
     assert out["models"]["task_arithmetic"]["asr"] == 0.0
     assert out["flagged"] == [] and out["passed"] is True
+
+
+# ----------------------------------------------------------------------------- SOMF
+
+
+def test_somf_merge_closed_forms_and_a_short_run(setup):
+    from mergeflow.safety import SomfSpec, somf, somf_merged
+
+    base, tvs, models, data = setup
+    fm = lc.FunctionalMerge(base, tvs, lc.BlockScheme("task"))
+    ones = {k: torch.ones_like(base[k]) for k in fm.keys}
+    zeros = {k: torch.zeros_like(base[k]) for k in fm.keys}
+    ta = fm.merged(fm.full_alpha(0.3))
+    without = lc.FunctionalMerge(base, {"topic": tvs["topic"]}, lc.BlockScheme("task"))
+    for k in fm.keys:  # M = 1: task arithmetic; M = 0: task arithmetic without the suspect
+        torch.testing.assert_close(somf_merged(fm, 0.3, "sent", ones)[k], ta[k])
+        torch.testing.assert_close(
+            somf_merged(fm, 0.3, "sent", zeros)[k], without.merged(without.full_alpha(0.3))[k]
+        )
+    mask, hist = somf(
+        fm, models, "bert", data, SomfSpec(suspect="sent", steps=2, mask_init=0.05, batch_size=4)
+    )
+    assert len(hist) == 2 and all(math.isfinite(h["loss"]) for h in hist)
+    assert all(set(v.unique().tolist()) <= {0.0, 1.0} for v in mask.values())
+    for m in models.values():
+        assert all(p.grad is None for p in m.parameters())
+    with pytest.raises(lc.CoefficientError, match="suspect 'x'"):
+        somf(fm, models, "bert", data, SomfSpec(suspect="x", steps=1))
