@@ -220,6 +220,10 @@ def test_pareto_prefers_plots_pareto_csv(workspace):
     rep = build_report(workspace, history=EMPTY_HISTORY)
     assert "plots/pareto.csv" in sections(rep)["pareto"].intro
     assert len(re.findall(r'class="point"', rep.figures["pareto"])) == 3
+    assert ">lambda=0.4<" in rep.figures["pareto"]  # several points per form: labelled by setting
+    (workspace / "metrics" / "eval.json").unlink()  # pareto.csv alone still plots
+    rep = build_report(workspace, history=EMPTY_HISTORY)
+    assert "pareto" in rep.figures and sections(rep)["accuracy"].notices
 
 
 def test_missing_metrics_give_notices_not_a_crash(workspace, tmp_path):
@@ -253,11 +257,16 @@ def test_empty_workspace_and_failed_flow_status(tmp_path):
 def test_malformed_eval_rows_are_reported(workspace):
     data = json.loads((workspace / "metrics" / "eval.json").read_text())
     data["broken"] = {"mean_accuracy": 0.5}
+    data["ties"]["accuracy"]["alpha"] = float("nan")  # e.g. an expert with accuracy 0
+    data["ties"]["mean_normalized"] = float("nan")
     (workspace / "metrics" / "eval.json").write_text(json.dumps(data))
     rep = build_report(workspace, history=EMPTY_HISTORY)
     notes = sections(rep)["accuracy"].notices
     assert any("broken" in n.what for n in notes)
     assert 'data-model="broken"' not in rep.html
+    ties = rep.html.split('id="accuracy-table"')[1].split('data-model="ties"')[1].split("</tr>")[0]
+    assert "<td>–</td>" in ties
+    assert "n/a" in rep.figures["task-alpha"] and "n/a" in rep.figures["mean-normalized"]
 
 
 def test_incomplete_stages_and_stale_metrics_from_dvc_lock(workspace):

@@ -227,8 +227,9 @@ def section_pareto(
             sec.notices.append(Missing("plots/pareto.csv", "no stored form with both a size and "
                                        "an accuracy", "`dvc repro evaluate`"))
         return sec
+    n_tasks = f"{len(ev.tasks)} " if ev else ""
     sec.intro = (
-        f"Each point is one way to store the {ev.tasks and len(ev.tasks) or ''} task model(s): "
+        f"Each point is one way to store the {n_tasks}task model(s): "
         "up and to the left is better; the dashed staircase joins the forms no other form beats "
         f"on both size and accuracy. Source: {escape(source)}."
     )
