@@ -8,15 +8,20 @@ head to be compared with.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from mergeflow.models import resume
 from mergeflow.models.hf import head_module
 from mergeflow.models.inference import Batches, tokenize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +101,9 @@ def finetune(
     head_init: str = "linear_probe",
     probe_epochs: int = 100,
     progress: Callable[[int, float], None] | None = None,
+    resume_dir: str | Path | None = None,
+    checkpoint_every: int = 0,
+    fingerprint: str = "",
 ) -> TrainResult:
     """Fine-tune every trainable parameter of ``model`` on (texts, labels).
 
@@ -118,6 +126,12 @@ def finetune(
         head_init: ``linear_probe`` (LP-FT) or ``random``.
         probe_epochs: Full-batch steps of the linear probe.
         progress: Called with ``(step, loss)`` after each step.
+        resume_dir: Where resume points live (see :mod:`mergeflow.models.resume`). If it holds
+            one with the same ``fingerprint``, training continues from it (the linear probe is
+            skipped: the head is in the point) and ends with the same weights as an
+            uninterrupted run.
+        checkpoint_every: Write a resume point every this many steps (0: never).
+        fingerprint: Identity of the run (params, data, base); a point of another run is ignored.
 
     Returns:
         The loss curve and the probe's training accuracy.
@@ -125,26 +139,34 @@ def finetune(
     device = torch.device(device)
     model.to(device)
     result = TrainResult()
-    if head_init == "linear_probe":
-        probe_batches = tokenize(tokenizer, texts, labels, max_length=max_length, batch_size=64)
-        plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-        result.probe_train_accuracy = linear_probe(
-            plain, probe_batches, epochs=probe_epochs, device=device, seed=seed
-        )
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
-    y = torch.tensor(labels, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warm = max(1, int(math.ceil(warmup_ratio * steps)))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
     )
-    order = torch.randperm(len(texts), generator=gen)
-    pos = 0
+    restored = None
+    if resume_dir is not None:
+        restored = resume.load(resume_dir, fingerprint, model, opt, sched, gen)
+    if restored is not None:
+        start, order, pos = restored.step, restored.order, restored.pos
+        result.losses = restored.losses
+        result.probe_train_accuracy = restored.probe_train_accuracy
+        log.info("resuming from step %d of %d (%s)", start, steps, resume_dir)
+    else:
+        if head_init == "linear_probe":
+            probe_batches = tokenize(tokenizer, texts, labels, max_length=max_length, batch_size=64)
+            plain = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+            result.probe_train_accuracy = linear_probe(
+                plain, probe_batches, epochs=probe_epochs, device=device, seed=seed
+            )
+        torch.manual_seed(seed)
+        start, order, pos = 0, torch.randperm(len(texts), generator=gen), 0
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    y = torch.tensor(labels, dtype=torch.long)
     model.train()
-    for step in range(steps):
+    for step in range(start, steps):
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(texts), generator=gen), 0
         idx = order[pos : pos + batch_size].tolist()
@@ -159,6 +181,11 @@ def finetune(
         opt.step()
         sched.step()
         result.losses.append(float(out.loss.detach()))
+        done = step + 1
+        due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps
+        if resume_dir is not None and due:
+            state = resume.TrainState(done, pos, order, result.losses, result.probe_train_accuracy)
+            resume.save(resume_dir, fingerprint, state, model, opt, sched, gen)
         if progress:
             progress(step, result.losses[-1])
     model.eval()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +12,8 @@ from tqdm.auto import tqdm
 
 from mergeflow.config import Params
 from mergeflow.data import read_split
-from mergeflow.io import atomic_dir, check_finite, write_json_atomic
+from mergeflow.io import atomic_dir, check_finite, tree_md5, write_json_atomic
+from mergeflow.models import resume
 from mergeflow.models.hf import encoder_prefix, head_module, offline_env, seq_cls_model
 from mergeflow.models.inference import accuracy, tokenize
 from mergeflow.models.lora import wrap_lora
@@ -30,8 +33,33 @@ class Paths:
     metrics: Path
 
 
+def resume_dir(out: Path) -> Path:
+    """Resume points of ``out``'s training: a hidden sibling (in ``.dvcignore``; removed on success)."""
+    out = Path(out)
+    return out.parent / f".{out.name}.resume"
+
+
+def run_fingerprint(cfg: Params, paths: Paths) -> str:
+    """What a resume point must match: every setting that changes the trained weights."""
+    ident = {
+        "task": paths.task,
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "max_length": cfg.base_model.max_length,
+        "finetune": cfg.finetune.model_dump(exclude={"checkpoint_every"}),
+        "data": tree_md5(paths.data),
+        "base": tree_md5(paths.base),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def run(cfg: Params, paths: Paths) -> dict:
-    """Fine-tune, score on validation, and save the expert as safetensors + config + tokenizer."""
+    """Fine-tune, score on validation, and save the expert as safetensors + config + tokenizer.
+
+    Every ``finetune.checkpoint_every`` steps a resume point (model, AdamW, scheduler, RNG
+    states; safetensors + JSON) is written beside ``paths.out``; a rerun after a crash or kill
+    continues from it with the same final weights, and it is deleted once the expert is saved.
+    """
     offline_env()
     from transformers import AutoTokenizer
 
@@ -73,6 +101,9 @@ def run(cfg: Params, paths: Paths) -> dict:
             head_init=ft.head_init,
             probe_epochs=ft.probe_epochs,
             progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+            resume_dir=resume_dir(paths.out),
+            checkpoint_every=ft.checkpoint_every,
+            fingerprint=run_fingerprint(cfg, paths),
         )
         bar.close()
         for i, loss in enumerate(res.losses):
@@ -106,6 +137,7 @@ def run(cfg: Params, paths: Paths) -> dict:
             "probe_train_accuracy": res.probe_train_accuracy,
         }
         write_json_atomic(paths.metrics, metrics)
+        resume.discard(resume_dir(paths.out))
         tr.metrics(metrics)
         tr.outputs({"expert": paths.out})
     return metrics
