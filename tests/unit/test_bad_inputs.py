@@ -482,6 +482,18 @@ def test_the_table_has_at_least_25_rows_and_unique_ids():
     assert len({r.id for r in ROWS}) == len(ROWS)
 
 
+def test_docs_reliability_lists_exactly_these_rows():
+    import re
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    section = doc[doc.index("## Bad inputs"):]
+    listed = re.findall(r"^\| `([a-z0-9-]+)` \|", section, flags=re.M)
+    assert listed == [r.id for r in ROWS]
+    for r in ROWS:  # the documented message contains what the row asserts
+        line = next(x for x in section.splitlines() if x.startswith(f"| `{r.id}` |"))
+        assert r.expect.replace("|", "\\|") in line.replace("`", "'"), r.id
+
+
 @pytest.mark.parametrize(
     "row", [pytest.param(r, id=r.id, marks=r.marks) for r in ROWS]
 )
