@@ -42,6 +42,8 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
         assert all(0.0 <= a <= 1.0 for a in ev[row]["accuracy"].values())
     assert ev["expert"]["mean_normalized"] == pytest.approx(1.0)
     assert (ws / "reports/summary.md").read_text().count("\n|") >= 7
+    # safety off (default): the audit stage is a no-op that records it
+    assert json.loads((ws / "metrics/audit.json").read_text()) == {"enabled": False}
 
 
 def test_tall_archive_reconstructs_masked_experts_exactly(ci_workspace: Path):
