@@ -115,6 +115,10 @@ def test_heatmap_cells_colour_from_min_to_max():
     assert cells[0].get("fill") == "#440154" and cells[2].get("fill") == "#fde725"
     with pytest.raises(ValueError, match="2 × 3"):
         svg.heatmap("H", ["t1", "t2"], ["a", "b", "c"], [[1, 2, 3]])
+    # (nearly) constant values get one mid colour, not the full dark-to-yellow contrast
+    flat = parse(svg.heatmap("H", ["t"], ["a", "b"], [[0.5, 0.50001]]))
+    fills = {r.get("fill") for r in flat.iter(f"{NS}rect") if r.get("class") == "cell"}
+    assert len(fills) == 1 and fills != {"#440154"} and fills != {"#fde725"}
 
 
 def test_line_chart_series_and_step():

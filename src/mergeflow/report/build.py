@@ -315,7 +315,11 @@ def section_heatmaps(root: Path, figures: dict[str, str]) -> Section:
                     m.tasks,
                     m.layers,
                     m.values,
-                    x_label="layer (emb = embeddings, Ln = transformer layer n)",
+                    x_label=(
+                        "one α per task (all layers)"
+                        if m.layers == ["all layers"]
+                        else "layer (emb = embeddings, Ln = transformer layer n)"
+                    ),
                     y_label="task",
                     value_label="α (unitless)",
                 ),

@@ -247,7 +247,7 @@ def learned_heatmaps(root: Path) -> tuple[list[Heatmap], list[Missing]]:
                 groups[g] = []
             groups[g].append(j)
         values = [[sum(row[j] for j in groups[g]) / len(groups[g]) for g in layers] for row in m]
-        note = f"mean α over each layer's {len(keys)} tensors"
+        note = f"mean α over the tensors of each layer ({len(keys)} tensors in all)"
         if scheme.kind == "atlas":
             note += f" and the {scheme.partitions} random partitions"
         maps.append(Heatmap(st.stem, method, scheme.kind, tasks, layers, values, note))

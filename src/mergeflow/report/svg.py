@@ -526,6 +526,7 @@ def heatmap(
     x_label: str = "",
     y_label: str = "",
     value_label: str = "",
+    min_span_frac: float = 0.1,
     width: float = 720,
     cell_height: float = 30,
 ) -> str:
@@ -541,6 +542,7 @@ def heatmap(
         x_label: X axis label.
         y_label: Y axis label.
         value_label: What the colour encodes (colour-bar caption, with unit).
+        min_span_frac: The colour range spans at least this fraction of the largest |value|.
         width: SVG width in pixels.
         cell_height: Row height in pixels.
     """
@@ -548,7 +550,13 @@ def heatmap(
         raise ValueError(f"heatmap values must be {len(rows)} × {len(cols)}")
     flat = _finite(v for r in values for v in r)
     lo, hi = (min(flat), max(flat)) if flat else (0.0, 1.0)
-    span = (hi - lo) or 1.0
+    # a colour range of at least min_span_frac × max|v| (centred), so that differences in the
+    # last digits (or none at all) do not read as the full dark-to-yellow contrast
+    min_span = max(min_span_frac * max((abs(v) for v in flat), default=1.0), 1e-6)
+    if hi - lo < min_span:
+        mid = (hi + lo) / 2
+        lo, hi = mid - min_span / 2, mid + min_span / 2
+    span = hi - lo
     left = 24 + max((_text_width(r, 12) for r in rows), default=40)
     f = _Frame(left, 44, width - left - 90, cell_height * len(rows))
     cw = f.width / max(len(cols), 1)
