@@ -204,6 +204,12 @@ class CompressCfg(_Section):
     twin_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     twin_routing: Literal["top1", "soft"] = "top1"
     twin_router_epochs: PositiveInt = 200
+    # TALL + consensus (same paper): a second archive with τ_MTL pruned to 1[Σ_t m_t ≥ k],
+    # k = masks.consensus_k, stored compactly; false skips it.
+    tall_consensus: bool = True
+    # LoRA-LEGO (Zhao et al., ICLR 2025), only when finetune.mode is lora: rank k of the merged
+    # adapter (clusters per module); unset = finetune.lora.r.
+    lego_rank: PositiveInt | None = None
 
 
 class EvaluateCfg(_Section):

@@ -312,3 +312,49 @@ def test_export_task_cli(tmp_path):
     assert res.exit_code == 0, res.output
     sd = SafetensorsFile(tmp_path / "o/model.safetensors")
     assert {"w", "b", "classifier.weight"} <= set(sd.keys())
+
+
+def test_pareto_rows_cover_every_stored_form():
+    from mergeflow.pipeline.evaluate import PARETO_COLUMNS, pareto_markdown, pareto_rows
+
+    assert PARETO_COLUMNS == (
+        "form",
+        "setting",
+        "n_tasks",
+        "bytes",
+        "bytes_ratio",
+        "mean_accuracy",
+        "mean_normalized",
+    )
+    s = lambda a, n: {"mean_accuracy": a, "mean_normalized": n}  # noqa: E731
+    summary = {
+        "expert": s(0.8, 1.0),
+        "base": s(0.4, 0.5),
+        "task_arithmetic": s(0.7, 0.9),
+        "tall_masks": s(0.79, 0.99),
+        "tall_consensus": s(0.78, 0.98),
+        "twin_merging": s(0.77, 0.97),
+    }
+    sizes = {
+        "bytes_experts": 1000,
+        "bytes_merged": 130,
+        "tall": {"bytes": 60, "bytes_with_base": 180},
+        "tall_consensus": {"bytes": 40, "bytes_with_base": 160, "k": 2},
+        "twin": {"bytes": 150, "rank": 16},
+    }
+    rows = pareto_rows(summary, sizes, {"task_arithmetic": {"scaling": 0.3}}, 3)
+    assert all(tuple(r) == PARETO_COLUMNS for r in rows)
+    got = {(r["form"], r["setting"]): (r["bytes"], r["bytes_ratio"]) for r in rows}
+    assert got == {
+        ("experts", "one fine-tuned model per task"): (1000, 1.0),
+        ("base", "pretrained encoder + heads"): (130, 0.13),
+        ("merged", "task_arithmetic λ=0.3"): (130, 0.13),
+        ("tall", "θ0 by reference"): (60, 0.06),
+        ("tall", "θ0 included"): (180, 0.18),
+        ("tall_consensus", "k=2, θ0 by reference"): (40, 0.04),
+        ("tall_consensus", "k=2, θ0 included"): (160, 0.16),
+        ("twin", "rank 16"): (150, 0.15),
+    }
+    table = pareto_markdown(rows)
+    lines = table.splitlines()[2:]
+    assert lines[0].startswith("| tall_consensus |") and lines[-1].startswith("| experts |")

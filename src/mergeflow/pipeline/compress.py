@@ -1,8 +1,14 @@
 """Stage ``compress``: the TALL-mask archive and the Twin-Merging archive, with their sizes.
 
-- TALL (Wang et al., ICML 2024): θ_0 + τ_MTL + one bit-packed mask per task.
+- TALL (Wang et al., ICML 2024): θ_0 + τ_MTL + one bit-packed mask per task; optionally a second
+  archive with τ_MTL pruned by the consensus mask 1[Σ_t m_t ≥ k] and stored compactly.
 - Twin-Merging (Lu et al., NeurIPS 2024): shared merged expert θ* + rank-k SVD exclusive parts +
   a router trained on validation inputs to tell the tasks apart.
+- LoRA-LEGO (Zhao et al., ICLR 2025), when the experts are LoRA adapters: their rank-1 units
+  clustered into one peft adapter of rank k (plus each task's head).
+
+Every form is measured in bytes on disk against storing every expert (the full fine-tuned model
+file of each task: encoder + head) and against one merged model (an encoder + every task's head).
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ from pathlib import Path
 import torch
 
 from mergeflow import compression, methods, tensors
-from mergeflow.compression import twin
+from mergeflow.compression import lora_lego, twin
 from mergeflow.config import Params
-from mergeflow.io import write_json_atomic
+from mergeflow.io import atomic_dir, save_state_dict, write_json_atomic
 from mergeflow.pipeline.artifacts import (
     expert_prefix,
     experts_from_vectors,
@@ -39,6 +45,8 @@ class Paths:
     coefficients: Path
     out: Path
     twin: Path
+    tall_consensus: Path
+    lora_lego: Path
     metrics: Path
 
 
@@ -55,11 +63,52 @@ def router_data(
     return torch.cat(feats), torch.cat(ids)
 
 
-def run(cfg: Params, paths: Paths) -> dict:
-    """Write both archives and report bytes on disk against storing every expert.
+def dir_bytes(path: Path, sub: str = "") -> int:
+    """Bytes on disk of every file under ``path/sub``."""
+    return sum(f.stat().st_size for f in (Path(path) / sub).rglob("*") if f.is_file())
 
-    ``ratio`` = archive bytes / the experts' bytes; ``ratio_with_base`` also counts θ_0 when the
-    TALL archive references it instead of storing it.
+
+def write_lego(cfg: Params, experts_dir: Path, heads: dict, out: Path) -> dict:
+    """LoRA-LEGO over the experts' adapters (``<expert>/adapter``), plus their heads.
+
+    With full fine-tuning there are no adapters: ``out`` then holds only a manifest saying so
+    (DVC needs the declared output either way).
+    """
+    with atomic_dir(out) as tmp:
+        if cfg.finetune.mode != "lora":
+            info = {"built": False, "reason": "finetune.mode is full: experts are not LoRA"}
+        else:
+            rank = cfg.compress.lego_rank or cfg.finetune.lora.r
+            dirs = {t: Path(experts_dir) / t / "adapter" for t in cfg.tasks}
+            info = lora_lego.write_adapter(dirs, tmp / "adapter", rank, seed=cfg.seed)
+            info["built"] = True
+            (tmp / "heads").mkdir()
+            for t, h in heads.items():
+                save_state_dict(h, tmp / "heads" / f"{t}.safetensors", metadata={"task": t})
+        write_json_atomic(tmp / "manifest.json", info)
+    return info
+
+
+def storage(
+    experts_bytes: int, merged_bytes: int, forms: dict[str, int]
+) -> dict[str, dict[str, float]]:
+    """Bytes of each form, and its ratio to all experts and to one merged model."""
+    return {
+        name: {
+            "bytes": b,
+            "ratio": b / experts_bytes,
+            "ratio_vs_merged": b / merged_bytes,
+        }
+        for name, b in forms.items()
+    }
+
+
+def run(cfg: Params, paths: Paths) -> dict:
+    """Write every compressed form and report bytes on disk against the experts and a merge.
+
+    ``ratio`` = bytes / the experts' bytes (each task's full model file); ``ratio_vs_merged`` =
+    bytes / one merged model (θ_0-sized encoder + every head). TALL archives reference θ_0 unless
+    ``compress.include_base``; ``bytes_with_base`` / ``ratio_with_base`` count it in.
     """
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     tasks = ctx.tasks
@@ -103,26 +152,73 @@ def run(cfg: Params, paths: Paths) -> dict:
             dtype=c.twin_dtype,
             extra={"shared": c.twin_shared, "scaling": coef["scaling"], "routing": c.twin_routing},
         )
+        cons_k = cfg.masks.consensus_k if c.tall_consensus else None
+        with atomic_dir(paths.tall_consensus) as tmp:
+            if cons_k is not None:
+                compression.write_archive(
+                    tmp / "archive",
+                    base_file,
+                    tensors.sum_all(list(ctx.task_vectors.values())),
+                    Path(paths.masks) / "tall_masks.safetensors",
+                    heads,
+                    configs,
+                    encoder_prefix=prefix,
+                    mtl_dtype=c.mtl_dtype,
+                    include_base=c.include_base,
+                    consensus_k=cons_k,
+                )
+            write_json_atomic(tmp / "form.json", {"built": cons_k is not None, "k": cons_k})
+        lego = write_lego(cfg, paths.experts, heads, paths.lora_lego)
         experts_bytes = sum(weights_file(Path(paths.experts) / t).stat().st_size for t in tasks)
+        base_bytes = base_file.stat().st_size
+        heads_bytes = dir_bytes(paths.out, "heads")
+        merged_bytes = base_bytes + heads_bytes
+        with_base = 0 if c.include_base else base_bytes
         tall = compression.archive_bytes(paths.out)
-        tall_with_base = tall + (0 if c.include_base else base_file.stat().st_size)
-        twin_bytes = compression.archive_bytes(paths.twin)
+        forms = {"tall": tall, "tall_with_base": tall + with_base}
+        if cons_k is not None:
+            cons = dir_bytes(paths.tall_consensus, "archive")
+            forms |= {"tall_consensus": cons, "tall_consensus_with_base": cons + with_base}
+        forms["twin"] = compression.archive_bytes(paths.twin)
+        if lego["built"]:  # the adapter needs θ_0 to be applied to: count it in
+            forms["lora_lego"] = dir_bytes(paths.lora_lego) + base_bytes
+        sizes = storage(experts_bytes, merged_bytes, forms)
         metrics = {
             "n_tasks": len(tasks),
             "bytes_experts": experts_bytes,
+            "bytes_base": base_bytes,
+            "bytes_heads": heads_bytes,
+            "bytes_merged": merged_bytes,
             "tall": {
-                "bytes": tall,
-                "bytes_with_base": tall_with_base,
-                "ratio": tall / experts_bytes,
-                "ratio_with_base": tall_with_base / experts_bytes,
+                **sizes["tall"],
+                "bytes_with_base": forms["tall_with_base"],
+                "ratio_with_base": sizes["tall_with_base"]["ratio"],
             },
-            "twin": {
-                "bytes": twin_bytes,
-                "ratio": twin_bytes / experts_bytes,
-                "router_val_accuracy": router_acc,
-            },
+            "twin": {**sizes["twin"], "rank": c.twin_rank, "router_val_accuracy": router_acc},
         }
+        if cons_k is not None:
+            metrics["tall_consensus"] = {
+                **sizes["tall_consensus"],
+                "k": cons_k,
+                "bytes_with_base": forms["tall_consensus_with_base"],
+                "ratio_with_base": sizes["tall_consensus_with_base"]["ratio"],
+            }
+        if lego["built"]:
+            metrics["lora_lego"] = {
+                **sizes["lora_lego"],
+                "rank": lego["rank"],
+                "bytes_expert_adapters": sum(
+                    dir_bytes(Path(paths.experts) / t / "adapter") for t in tasks
+                ),
+            }
         write_json_atomic(paths.metrics, metrics)
         tr.metrics(metrics)
-        tr.outputs({"tall": paths.out, "twin": paths.twin})
+        tr.outputs(
+            {
+                "tall": paths.out,
+                "twin": paths.twin,
+                "tall_consensus": paths.tall_consensus,
+                "lora_lego": paths.lora_lego,
+            }
+        )
     return metrics

@@ -1,7 +1,9 @@
-"""Stage ``evaluate``: test accuracy per task of experts, base, each merge and TALL reconstructions.
+"""Stage ``evaluate``: test accuracy per task of experts, base, each merge and compressed form.
 
 Normalized accuracy = accuracy / the task's individual expert accuracy (FusionBench / TALL papers).
 Scalings come from the coefficients stage (chosen on validation; test is never used for tuning).
+Accuracy per byte: ``plots/pareto.csv`` puts every stored form (experts, merged models, TALL,
+TALL + consensus, Twin-Merging, LoRA-LEGO) at its bytes on disk from ``metrics/compress.json``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from mergeflow.coefficients import rebuild
 from mergeflow.compression import twin
 from mergeflow.config import Params
 from mergeflow.io import write_bytes_atomic, write_json_atomic
+from mergeflow.models.lora import lora_delta, read_adapter
 from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
 from mergeflow.pipeline.context import MergeContext
 from mergeflow.tracking import stage_run
@@ -33,8 +36,12 @@ class Paths:
     coefficients: Path
     compressed: Path
     twin: Path
+    tall_consensus: Path
+    lora_lego: Path
+    compress_metrics: Path
     metrics: Path
     plot: Path
+    pareto: Path
     report: Path
 
 
@@ -65,6 +72,84 @@ def markdown_table(summary: dict, tasks: list[str]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+PARETO_COLUMNS = (
+    "form",
+    "setting",
+    "n_tasks",
+    "bytes",
+    "bytes_ratio",
+    "mean_accuracy",
+    "mean_normalized",
+)
+
+
+def pareto_rows(summary: dict, sizes: dict, coef: dict, n_tasks: int) -> list[dict]:
+    """One row per stored form and knob: its bytes on disk and its mean (normalized) accuracy.
+
+    Args:
+        summary: :func:`summarize` output (rows ``expert``, ``base``, merges, compressed forms).
+        sizes: ``metrics/compress.json`` of the compress stage.
+        coef: ``coefficients.json`` (a merge row's setting is its method and λ).
+        n_tasks: Number of tasks.
+
+    Returns:
+        Rows with :data:`PARETO_COLUMNS`; ``bytes_ratio`` = bytes / all experts' bytes.
+    """
+    experts = sizes["bytes_experts"]
+    rows = []
+
+    def add(form: str, setting: str, row: str, nbytes: int) -> None:
+        if row in summary:
+            s = summary[row]
+            rows.append(
+                {
+                    "form": form,
+                    "setting": setting,
+                    "n_tasks": n_tasks,
+                    "bytes": int(nbytes),
+                    "bytes_ratio": round(nbytes / experts, 5),
+                    "mean_accuracy": round(s["mean_accuracy"], 5),
+                    "mean_normalized": round(s["mean_normalized"], 5),
+                }
+            )
+
+    add("experts", "one fine-tuned model per task", "expert", experts)
+    add("base", "pretrained encoder + heads", "base", sizes["bytes_merged"])
+    for name, c in coef.items():
+        if "learned" in c:
+            setting = f"{name} (learned coefficients)"
+        else:
+            setting = f"{name} λ={c['scaling']}" if "scaling" in c else name
+        add("merged", setting, name, sizes["bytes_merged"])
+    for form, row in (("tall", "tall_masks"), ("tall_consensus", "tall_consensus")):
+        if form in sizes:
+            k = f"k={sizes[form]['k']}, " if "k" in sizes[form] else ""
+            add(form, f"{k}θ0 by reference", row, sizes[form]["bytes"])
+            add(form, f"{k}θ0 included", row, sizes[form]["bytes_with_base"])
+    tw = sizes.get("twin", {})
+    add("twin", f"rank {tw.get('rank', '?')}", "twin_merging", tw.get("bytes", 0))
+    if "lora_lego" in sizes:
+        add(
+            "lora_lego",
+            f"rank {sizes['lora_lego']['rank']}",
+            "lora_lego",
+            sizes["lora_lego"]["bytes"],
+        )
+    return rows
+
+
+def pareto_markdown(rows: list[dict]) -> str:
+    """The accuracy-per-byte table of the report, smallest forms first."""
+    out = "| form | setting | MB | × experts | mean acc | mean normalized |\n"
+    out += "|---|---|---:|---:|---:|---:|\n"
+    for r in sorted(rows, key=lambda r: r["bytes"]):
+        out += (
+            f"| {r['form']} | {r['setting']} | {r['bytes'] / 1e6:.1f} | {r['bytes_ratio']:.3f} "
+            f"| {r['mean_accuracy']:.3f} | {r['mean_normalized']:.3f} |\n"
+        )
+    return out
+
+
 def run(cfg: Params, paths: Paths) -> dict:
     """Score every model on every task's test split; write metrics, plot data and a report."""
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
@@ -76,6 +161,23 @@ def run(cfg: Params, paths: Paths) -> dict:
         rows["expert"][t] = ctx.score(load_expert(d, expert_prefix(d))[0], test, [t])[t]
         tall = compression.load(paths.compressed, t, base=paths.base)[0]
         rows["tall_masks"][t] = ctx.score(tall, test, [t])[t]
+    cons_dir = Path(paths.tall_consensus) / "archive"
+    if cons_dir.is_dir():
+        rows["tall_consensus"] = {
+            t: ctx.score(compression.load(cons_dir, t, base=paths.base)[0], test, [t])[t]
+            for t in ctx.tasks
+        }
+    lego_dir = Path(paths.lora_lego) / "adapter"
+    if lego_dir.is_dir():
+        prefix = expert_prefix(Path(paths.experts) / ctx.tasks[0])
+        delta = lora_delta(*read_adapter(lego_dir), prefix)
+        rows["lora_lego"] = ctx.score(
+            {
+                k: (v.float() + delta[k]).to(v.dtype) if k in delta else v
+                for k, v in ctx.base.items()
+            },
+            test,
+        )
     rows["base"] = ctx.score(ctx.base, test)
     twin_model = twin.TwinModel(paths.twin)
     twin_scores = ctx.score_twin(twin_model, test, twin_model.manifest.get("routing", "top1"))
@@ -103,12 +205,22 @@ def run(cfg: Params, paths: Paths) -> dict:
                     "normalized": round(s["normalized"][t], 4),
                 }
             )
+    sizes = json.loads(Path(paths.compress_metrics).read_text())
+    pareto = pareto_rows(summary, sizes, coef, len(ctx.tasks))
+    pbuf = io.StringIO()
+    pw = csv.DictWriter(pbuf, fieldnames=list(PARETO_COLUMNS))
+    pw.writeheader()
+    pw.writerows(pareto)
     report = (
         f"# mergeflow evaluation\n\nTest accuracy per task ({len(ctx.tasks)} tasks; "
         f"scalings chosen on validation: "
         + ", ".join(f"{m} λ={c['scaling']}" for m, c in coef.items())
         + ").\n\n"
         + markdown_table(summary, ctx.tasks)
+        + "\n## Accuracy per byte\n\nBytes on disk of each stored form against keeping every "
+        f"expert ({sizes['bytes_experts'] / 1e6:.1f} MB for {len(ctx.tasks)} tasks; a merged model "
+        f"is {sizes['bytes_merged'] / 1e6:.1f} MB). Plot: `dvc plots show plots/pareto.csv`.\n\n"
+        + pareto_markdown(pareto)
     )
     with stage_run(
         "evaluate",
@@ -117,6 +229,8 @@ def run(cfg: Params, paths: Paths) -> dict:
             "coefficients": paths.coefficients,
             "compressed": paths.compressed,
             "twin": paths.twin,
+            "tall_consensus": paths.tall_consensus,
+            "lora_lego": paths.lora_lego,
             "test": paths.data,
         },
     ) as tr:
@@ -124,6 +238,7 @@ def run(cfg: Params, paths: Paths) -> dict:
         tr.metrics({"twin_merging.routing_accuracy": twin_scores["routing_accuracy"]})
         write_json_atomic(paths.metrics, summary)
         write_bytes_atomic(paths.plot, buf.getvalue().encode())
+        write_bytes_atomic(paths.pareto, pbuf.getvalue().encode())
         write_bytes_atomic(paths.report, report.encode())
         for row, s in summary.items():
             tr.metrics(
