@@ -96,14 +96,34 @@ def test_scatter_draws_points_and_the_pareto_front_through_undominated_points():
     assert len(circles) == 4
     front = [p for p in root.iter(f"{NS}path") if p.get("class") == "pareto-front"]
     assert len(front) == 1
-    # the staircase visits 3 points: M + 2 × (H, V)
-    assert front[0].get("d").count("H") == 2
+    # the staircase rises to each of the 3 front points, then runs on to the right edge
+    d = front[0].get("d")
+    assert d.count("V") == 3 and d.count("H") == 4
     ringed = [c.find(f"{NS}title").text.split(":")[0] for c in circles
               if c.get("stroke") == svg.INK]
     assert sorted(ringed) == ["experts", "tall", "ties"]
     with pytest.raises(ValueError, match="log_x"):
         svg.scatter_chart("P", [svg.Point("a", 0, 1)], colors={}, x_label="", y_label="",
                           log_x=True)
+
+
+def test_scatter_labels_in_a_crowded_column_do_not_overlap():
+    pts = [svg.Point(f"method_{i}", 100, 0.9 + 0.002 * i) for i in range(12)]
+    pts += [svg.Point("experts", 800, 1.0)]
+    root = parse(svg.scatter_chart("P", pts, colors=svg.Palette(), x_label="MB", y_label="acc"))
+    boxes = []
+    for t in root.iter(f"{NS}text"):
+        if t.get("class") == "point-label":
+            x, y = float(t.get("x")), float(t.get("y"))
+            boxes.append((x, y - 10, x + len(t.text) * 10.5 * 0.58, y + 2))
+    assert len(boxes) >= 8  # most are placed; the rest left to legend and tooltip
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
+    # a front of one point (a merge that beats every bigger form) is still drawn
+    one = parse(svg.scatter_chart("P", [svg.Point("m", 1, 2.0), svg.Point("e", 3, 1.0)],
+                                  colors={}, x_label="", y_label=""))
+    assert [p.get("d").count("V") for p in one.iter(f"{NS}path")] == [1]
 
 
 def test_heatmap_cells_colour_from_min_to_max():

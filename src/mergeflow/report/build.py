@@ -59,7 +59,11 @@ def _mb(b: float) -> str:
 
 def ordered_rows(ev: Evaluation) -> list[str]:
     """Rows grouped: references (expert, base), merges, compressed forms; stable within a group."""
-    return sorted(ev.rows, key=lambda r: (KIND_ORDER[ev.kind(r)], list(ev.rows).index(r)))
+    ref = inputs.REFERENCE_ROWS
+    return sorted(
+        ev.rows,
+        key=lambda r: (KIND_ORDER[ev.kind(r)], ref.index(r) if r in ref else 0, list(ev.rows).index(r)),
+    )
 
 
 def headline_rows(ev: Evaluation) -> list[dict[str, Any]]:

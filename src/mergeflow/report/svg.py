@@ -300,7 +300,7 @@ def bar_chart(
         body += items
     max_cat = max((len(c) for c in categories), default=0)
     rotate = max_cat * 7 > (width - 90) / max(len(categories), 1)
-    bottom_pad = 48 + (min(max_cat, 28) * 5.5 if rotate else 0)
+    bottom_pad = 48 + (min(max_cat, 28) * 4.0 if rotate else 0)
     right_pad = 20 + (_text_width(reference_label, 11) + 8 if reference_label else 0)
     f = _Frame(70, 40 + legend_h + 8, width - 70 - right_pad, plot_height)
     height = f.bottom + bottom_pad
@@ -449,16 +449,16 @@ def scatter_chart(
     )
     on_front: set[int] = set()
     labels_out: list[tuple[int, float, float]] = []
-    if front and len(pts) > 1:
+    if front and pts:
         idx = pareto_front([(p.x, p.y) for p in pts])
         on_front = set(idx)
-        path = []
-        for k, i in enumerate(idx):
+        # the attainment staircase: up from the axis to the smallest form, then right/up through
+        # each front point, then on to the right edge (everything below-right is dominated)
+        path = [f"M{to_x(pts[idx[0]].x):.1f},{f.bottom:.1f}"]
+        for i in idx:
             x, y = to_x(pts[i].x), to_y(pts[i].y)
-            if k == 0:
-                path.append(f"M{x:.1f},{y:.1f}")
-            else:
-                path.append(f"H{x:.1f}V{y:.1f}")
+            path.append(f"H{x:.1f}V{y:.1f}")
+        path.append(f"H{f.right:.1f}")
         body.append(
             f'<path class="pareto-front" d="{"".join(path)}" fill="none" stroke="{INK}" '
             f'stroke-width="1.5" stroke-dasharray="6 3"><title>Pareto front</title></path>'
@@ -482,18 +482,32 @@ def scatter_chart(
     for i, x, y in sorted(labels_out, key=lambda t: (t[2], t[1])):
         text = pts[i].label if not label_detail else (pts[i].detail or pts[i].label)
         w = _text_width(text, 10.5)
-        # candidate spots: right-above, left-above, right-below, left-below, further out
-        for dx, dy in ((9, -8), (-9, -8), (9, 14), (-9, 14), (9, -20), (-9, -20), (9, 26), (-9, 26)):
-            x0 = x + dx if dx > 0 else x + dx - w
-            box = (x0, y + dy - 10, x0 + w, y + dy + 2)
-            inside = box[0] >= f.left and box[2] <= f.right + 20 and box[1] >= f.top - 4
-            if inside and not any(
-                b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in placed
-            ):
-                break
+        # candidate spots, nearest first: right/left of the point, then stepping up and down;
+        # a label that fits nowhere is left out (the legend and the tooltip still name the point)
+        for dy in (-8, 14, -20, 26, -32, 38, -44, 50):
+            for dx in (9, -9):
+                x0 = x + dx if dx > 0 else x + dx - w
+                box = (x0, y + dy - 10, x0 + w, y + dy + 2)
+                inside = (box[0] >= f.left and box[2] <= f.right + 20 and box[1] >= f.top
+                          and box[3] <= f.bottom)
+                if inside and not any(
+                    b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3]
+                    for b in placed
+                ):
+                    break
+            else:
+                continue
+            break
+        else:
+            continue
         placed.append(box)
+        if abs(dy) > 14:  # a leader line to a label moved away from its point
+            body.append(
+                f'<line x1="{x:.1f}" y1="{y:.1f}" x2="{box[0] if dx > 0 else box[2]:.1f}" '
+                f'y2="{y + dy - 4:.1f}" stroke="{MUTED}" stroke-width="0.6"/>'
+            )
         body.append(
-            f'<text x="{box[0]:.1f}" y="{y + dy:.1f}" font-size="10.5" '
+            f'<text class="point-label" x="{box[0]:.1f}" y="{y + dy:.1f}" font-size="10.5" '
             f'fill="{INK}">{escape(text)}</text>'
         )
     body += _axis_labels(f, x_label, y_label)
