@@ -338,7 +338,7 @@ def section_heatmaps(root: Path, figures: dict[str, str]) -> Section:
 def _best_merge_score(metrics: Mapping[str, float]) -> tuple[str, float] | None:
     skip = set(inputs.REFERENCE_ROWS) | set(inputs.COMPRESSED_ROWS)
     best = None
-    for k, v in metrics.items():
+    for k, v in sorted(metrics.items()):  # ties: alphabetically first, as Evaluation.best_merge
         if not k.endswith(".mean_normalized"):
             continue
         row = k[: -len(".mean_normalized")]

@@ -70,10 +70,10 @@ class Evaluation:
         return [r for r in self.rows if self.kind(r) == "merge"]
 
     def best_merge(self) -> str | None:
-        """The merge with the highest mean normalized accuracy."""
+        """The merge with the highest mean normalized accuracy (ties: alphabetically first)."""
         scored = [(self.rows[r].get("mean_normalized"), r) for r in self.merges()]
-        scored = [(s, r) for s, r in scored if s is not None and math.isfinite(s)]
-        return max(scored)[1] if scored else None
+        scored = [(-s, r) for s, r in scored if s is not None and math.isfinite(s)]
+        return min(scored)[1] if scored else None
 
 
 def load_evaluation(root: Path) -> tuple[Evaluation | None, list[Missing]]:

@@ -249,7 +249,10 @@ def _range(values: Sequence[float], lo: float | None, hi: float | None) -> tuple
         return (0.0, 1.0)
     a = min(vals) if lo is None else lo
     b = max(vals) if hi is None else hi
-    return (a, b) if b > a else (a - 0.5, b + 0.5)
+    if b > a:
+        return (a, b)
+    pad = abs(a) * 0.05 or 0.5  # one value (or all equal): a narrow window around it
+    return (a - pad, b + pad)
 
 
 def bar_chart(
