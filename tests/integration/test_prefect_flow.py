@@ -40,3 +40,15 @@ def test_flow_skips_up_to_date_stages_and_reruns_changed_ones(ci_workspace: Path
     assert results["evaluate"] == "ran"
     assert results["audit"] == "ran"  # it also reads evaluate.batch_size
     assert all(v == "skipped" for k, v in results.items() if k not in ("evaluate", "audit"))
+
+    # the dashboard step: the page, and the headline table as a Prefect table artifact
+    page = ci_workspace / "reports" / "index.html"
+    assert "Accuracy per method and task" in page.read_text()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["headline"]))
+        )
+    assert arts and {a.type for a in arts} == {"table"}
