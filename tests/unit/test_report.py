@@ -245,6 +245,9 @@ def test_pareto_prefers_plots_pareto_csv(workspace):
     assert "plots/pareto.csv" in sections(rep)["pareto"].intro
     assert len(re.findall(r'class="point"', rep.figures["pareto"])) == 3
     assert ">lambda=0.4<" in rep.figures["pareto"]  # several points per form: labelled by setting
+    experts = [c for c in parse(rep.figures["pareto"]).iter(f"{NS}circle")
+               if c.find(f"{NS}title").text.startswith("experts")]
+    assert experts[0].get("fill") == svg.FIXED["expert"]  # the form in its eval row's colour
     (workspace / "metrics" / "eval.json").unlink()  # pareto.csv alone still plots
     rep = build_report(workspace, history=EMPTY_HISTORY)
     assert "pareto" in rep.figures and sections(rep)["accuracy"].notices

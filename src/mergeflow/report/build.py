@@ -20,6 +20,8 @@ from mergeflow.report import inputs, svg
 from mergeflow.report.inputs import Evaluation, Missing
 
 MODEL_NAME = "mergeflow-merged"
+# forms of plots/pareto.csv drawn in the colour of their row in metrics/eval.json
+FORM_ROWS = {"experts": "expert", "tall": "tall_masks", "twin": "twin_merging"}
 KIND_ORDER = {"reference": 0, "merge": 1, "compressed": 2}
 
 
@@ -242,7 +244,7 @@ def section_pareto(
         svg.scatter_chart(
             "Accuracy vs bytes stored (Pareto front)",
             chart_pts,
-            colors=pal,
+            colors=lambda form: pal(FORM_ROWS.get(form, form)),
             x_label="bytes stored (MB = 10⁶ bytes)",
             y_label="mean normalized accuracy" if use_norm else "mean test accuracy",
             x_format=lambda v: f"{v:,.0f}",
@@ -250,8 +252,12 @@ def section_pareto(
             width=860,
         ),
         figures,
-        caption="Sizes: experts = all expert files; merges and base = one model; TALL = archive "
-        "plus θ₀ when referenced; Twin-Merging = its archive.",
+        caption=(
+            "Sizes: experts = all expert files; merges and base = one model (≈ experts ÷ tasks); "
+            "TALL = archive plus θ₀ when referenced; Twin-Merging = its archive."
+            if source.startswith("derived")
+            else "Sizes as measured by the evaluate stage; hover a point for its setting."
+        ),
     )
     return sec
 

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 REFERENCE_ROWS = ("expert", "base")  # rows that are references, not merges or compressions
-COMPRESSED_ROWS = ("tall_masks", "twin_merging")  # per-task archives, not one merged model
+# per-task archives, not one merged model
+COMPRESSED_ROWS = ("tall_masks", "tall_consensus", "twin_merging")
 
 
 @dataclass(frozen=True)
