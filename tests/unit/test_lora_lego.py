@@ -166,3 +166,28 @@ def test_cli(tmp_path):
     res = CliRunner().invoke(app, ["lora-lego", *ads, "--out", str(out), "--rank", "5"])
     assert res.exit_code == 0, res.output
     assert read(out)[1]["r"] == 5
+
+
+def test_compress_stage_lego_form(tmp_path):
+    """The compress stage's LoRA-LEGO form: a peft adapter + heads for lora experts, a note else."""
+    from mergeflow.config import parse_params
+    from mergeflow.models.lora import lora_delta, read_adapter
+    from mergeflow.pipeline.compress import write_lego
+
+    tasks = ["rotten_tomatoes", "bbc_news"]
+    for i, t in enumerate(tasks):
+        make_adapter(tmp_path / "experts" / t / "adapter", seed=i, r=4)
+    heads = {t: {"classifier.weight": torch.full((2, 32), float(i))} for i, t in enumerate(tasks)}
+    raw = {"tasks": tasks, "finetune": {"mode": "lora", "lora": {"r": 4}}, "compress": {}}
+    info = write_lego(parse_params(raw, source="test"), tmp_path / "experts", heads, tmp_path / "l")
+    assert info["built"] and info["rank"] == 4 and info["units_pooled"] == 2 * 4 * 4
+    delta = lora_delta(*read_adapter(tmp_path / "l/adapter"), "bert")
+    assert "encoder.layer.0.attention.self.query.weight" in delta
+    assert set(p.name for p in (tmp_path / "l/heads").iterdir()) == {
+        f"{t}.safetensors" for t in tasks
+    }
+    raw["finetune"]["mode"] = "full"
+    info = write_lego(parse_params(raw, source="test"), tmp_path / "experts", heads, tmp_path / "f")
+    assert not info["built"] and sorted(p.name for p in (tmp_path / "f").iterdir()) == [
+        "manifest.json"
+    ]
