@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from mergeflow.engine.lora import adapter_config
 from mergeflow.io import atomic_dir, save_state_dict
 from mergeflow.tensors import MergeError
 
@@ -217,23 +218,6 @@ def lora_lego(
             diff = sorted(set(extra) ^ set(modules))
             raise MergeError(f"adapter '{t}' targets other modules than '{names[0]}' ('{diff[0]}')")
     return out, ranks
-
-
-def adapter_config(cfg0: Mapping, ranks: Mapping[str, int], *, drop_modules_to_save: bool) -> dict:
-    """The peft ``adapter_config.json`` of a merged adapter (α = r per module: scale 1)."""
-    r_main = Counter(ranks.values()).most_common(1)[0][0]
-    prefix = "base_model.model."
-    cfg = dict(cfg0)
-    cfg.update(
-        r=r_main,
-        lora_alpha=r_main,
-        use_rslora=False,
-        rank_pattern={m.removeprefix(prefix): r for m, r in ranks.items() if r != r_main},
-        alpha_pattern={m.removeprefix(prefix): r for m, r in ranks.items() if r != r_main},
-    )
-    if drop_modules_to_save:  # peft's SEQ_CLS task type would insist on a saved head
-        cfg.update(modules_to_save=None, task_type=None)
-    return cfg
 
 
 def write_adapter(

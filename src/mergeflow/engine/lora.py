@@ -77,6 +77,33 @@ def dense_deltas(sd: Mapping[str, torch.Tensor], cfg: Mapping) -> dict[str, torc
     return out
 
 
+def adapter_config(
+    cfg0: Mapping, ranks: Mapping[str, int], *, drop_modules_to_save: bool = False
+) -> dict:
+    """The peft ``adapter_config.json`` of a merged adapter (α = r per module: scale 1).
+
+    Args:
+        cfg0: The first input adapter's config (target modules, task type, ...).
+        ranks: Module name → rank of the merged factors; the most common rank becomes ``r``,
+            the others go to ``rank_pattern``/``alpha_pattern``.
+        drop_modules_to_save: Clear ``modules_to_save``/``task_type`` (when the inputs' heads
+            differ, peft's SEQ_CLS task type would insist on a saved head).
+    """
+    r_main = Counter(ranks.values()).most_common(1)[0][0]
+    prefix = "base_model.model."
+    cfg = dict(cfg0)
+    cfg.update(
+        r=r_main,
+        lora_alpha=r_main,
+        use_rslora=False,
+        rank_pattern={m.removeprefix(prefix): r for m, r in ranks.items() if r != r_main},
+        alpha_pattern={m.removeprefix(prefix): r for m, r in ranks.items() if r != r_main},
+    )
+    if drop_modules_to_save:
+        cfg.update(modules_to_save=None, task_type=None)
+    return cfg
+
+
 def refactor(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Best rank-``rank`` factors ``B (m×r)``, ``A (r×n)`` with ``B·A ≈ delta`` (Eckart–Young)."""
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)
@@ -157,16 +184,7 @@ def merge_lora_adapters(
         tensors[m + _A], tensors[m + _B] = a.to(dtype).contiguous(), b.to(dtype).contiguous()
         ranks[m] = a.shape[0]
     tensors.update(extras)
-    r_main = Counter(ranks.values()).most_common(1)[0][0]
-    prefix = "base_model.model."
-    cfg = dict(cfg0)
-    cfg.update(
-        r=r_main,
-        lora_alpha=r_main,
-        use_rslora=False,
-        rank_pattern={m.removeprefix(prefix): r for m, r in ranks.items() if r != r_main},
-        alpha_pattern={m.removeprefix(prefix): r for m, r in ranks.items() if r != r_main},
-    )
+    cfg = adapter_config(cfg0, ranks)
     with atomic_dir(out) as tmp:
         save_state_dict(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
