@@ -47,8 +47,10 @@ def main() -> None:
         f"({'no stage ran' if 'Running stage' not in out.stdout else 'STAGES RAN'})"
     )
     print(
-        f"TALL archive: {comp['bytes_compressed'] / 1e6:.1f} MB vs experts "
-        f"{comp['bytes_experts'] / 1e6:.1f} MB (ratio {comp['ratio']:.3f})\n"
+        f"TALL archive: {comp['tall']['bytes'] / 1e6:.1f} MB (θ0 by reference; "
+        f"{comp['tall']['bytes_with_base'] / 1e6:.1f} MB with θ0) vs experts "
+        f"{comp['bytes_experts'] / 1e6:.1f} MB (ratio {comp['tall']['ratio']:.3f}; "
+        f"with θ0 {comp['tall']['ratio_with_base']:.3f})\n"
     )
     print((ws / "reports/summary.md").read_text())
     for row in ("task_arithmetic", "ties", "consensus", "tall_masks", "base"):
