@@ -138,6 +138,43 @@ def _project(delta: torch.Tensor, radius: float) -> None:
         delta.mul_(torch.clamp(radius / n, max=1.0))
 
 
+def trigger_ascent_step(
+    models: Mapping[str, torch.nn.Module],
+    prefix: str,
+    enc_fixed: Mapping[str, torch.Tensor],
+    batches: Mapping[str, dict],
+    delta: Mapping[str, torch.Tensor],
+    emb_key: str,
+    opt: torch.optim.Optimizer,
+    radius: float,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One ascent step of the simulated trigger δ on frozen merged weights.
+
+    Maximises Σ_t CE(f_t(x ⊕ δ_t; θ_fixed), ŷ_t) with ŷ_t = argmax f_t(x; θ_fixed) (the clean
+    prediction), then projects δ_t back onto the ball of ``radius``.
+
+    Returns:
+        The clean predictions ŷ_t per task and the (detached) adversarial loss.
+    """
+    with torch.no_grad():
+        clean = {
+            t: functional_logits(models[t], prefix, enc_fixed, x).argmax(-1)
+            for t, x in batches.items()
+        }
+    adv = sum(
+        F.cross_entropy(
+            triggered_logits(models[t], prefix, enc_fixed, x, delta[t], emb_key), clean[t]
+        )
+        for t, x in batches.items()
+    )
+    opt.zero_grad(set_to_none=True)
+    (-adv).backward()
+    opt.step()
+    for d in delta.values():
+        _project(d, radius)
+    return clean, adv.detach()
+
+
 def combined(
     shared: Mapping[str, torch.Tensor], detection: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -226,21 +263,9 @@ def dam(
         # (2) simulated trigger: one ascent step on the prediction change, weights detached.
         with torch.no_grad():
             enc_fixed = fm.merged(alpha, {k: v.detach() for k, v in mask.items()})
-            clean_pred = {
-                t: functional_logits(models[t], prefix, enc_fixed, x).argmax(-1)
-                for t, x in batches.items()
-            }
-        adv = sum(
-            F.cross_entropy(
-                triggered_logits(models[t], prefix, enc_fixed, x, delta[t], emb_key), clean_pred[t]
-            )
-            for t, x in batches.items()
+        clean_pred, adv = trigger_ascent_step(
+            models, prefix, enc_fixed, batches, delta, emb_key, opt_d, radius
         )
-        opt_d.zero_grad(set_to_none=True)
-        (-adv).backward()
-        opt_d.step()
-        for d in delta.values():
-            _project(d, radius)
         del enc_fixed
         # (3) alternating mask step.
         detect_step = step % 2 == 0

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from mergeflow.coefficients.data import Examples, Sampler
 from mergeflow.coefficients.functional import CoefficientError, FunctionalMerge, functional_logits
 from mergeflow.coefficients.train import binary_mask, entropy, sample_mask
-from mergeflow.safety.dam import _project, embedding_key, triggered_logits
+from mergeflow.safety.dam import embedding_key, trigger_ascent_step, triggered_logits
 
 
 @dataclass(frozen=True)
@@ -94,21 +94,9 @@ def somf(
         mask = sample_mask(logits, spec.temperature, gen)
         with torch.no_grad():
             fixed = somf_merged(fm, spec.scaling, spec.suspect, mask)
-            clean = {
-                t: functional_logits(models[t], prefix, fixed, x).argmax(-1)
-                for t, x in batches.items()
-            }
-        adv = sum(
-            F.cross_entropy(
-                triggered_logits(models[t], prefix, fixed, x, delta[t], emb_key), clean[t]
-            )
-            for t, x in batches.items()
+        clean, adv = trigger_ascent_step(
+            models, prefix, fixed, batches, delta, emb_key, opt_d, radius
         )
-        opt_d.zero_grad(set_to_none=True)
-        (-adv).backward()
-        opt_d.step()
-        for d in delta.values():
-            _project(d, radius)
         enc = somf_merged(fm, spec.scaling, spec.suspect, mask)
         perf = safe = 0.0
         for t, x in batches.items():
