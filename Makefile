@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 PYTEST_ARGS ?=

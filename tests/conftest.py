@@ -21,6 +21,7 @@ def _isolated_env(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     os.environ["DO_NOT_TRACK"] = "true"
     os.environ["HF_HUB_OFFLINE"] = "1"

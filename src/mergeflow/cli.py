@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -89,6 +90,9 @@ def run(
     root: Annotated[Path, typer.Option(help="the mergeflow repo (with dvc.yaml)")] = Path("."),
 ) -> None:
     """Run the whole pipeline as a Prefect flow (ephemeral local API unless PREFECT_API_URL)."""
+    # Prefect's ephemeral API gets 20 s to start by default; its first start (DB migrations)
+    # on a busy 2-core machine takes longer, so the whole run would fail before any stage.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     sys.path.insert(0, str(root.resolve()))
     from flows.pipeline import pipeline
 
