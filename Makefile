@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/mergeflow run
 	@echo; cat reports/summary.md
+	@echo; echo "dashboard: $(abspath reports/index.html)"
 
 test: setup
 	$(BIN)/ruff check src stages flows tests benchmarks
