@@ -151,10 +151,12 @@ def markdown(result: dict) -> str:
 
 def run(cfg: Params, paths: Paths) -> dict:
     """Audit experts and merges for the configured backdoor; write metrics + report (module doc)."""
-    if not cfg.safety.enabled:
+    if not cfg.safety.enabled:  # still one MLflow run, so every stage item has its lineage record
         result = {"enabled": False}
-        write_json_atomic(paths.metrics, result)
-        write_bytes_atomic(paths.report, markdown(result).encode())
+        with stage_run("audit", {"safety": cfg.safety.model_dump()}) as tr:
+            write_json_atomic(paths.metrics, result)
+            write_bytes_atomic(paths.report, markdown(result).encode())
+            tr.outputs({"metrics": paths.metrics})
         return result
     poison = cfg.safety.poison
     spec = poison_spec(cfg)
