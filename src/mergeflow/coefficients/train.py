@@ -154,6 +154,17 @@ def accuracies(
     return out
 
 
+def freeze_task_models(models: Mapping, tasks, seed: int) -> None:
+    """Check every task has a model, seed torch, and freeze the models (eval, no grad)."""
+    for t in tasks:
+        if t not in models:
+            raise CoefficientError(f"no task model for task {t!r}")
+    torch.manual_seed(seed)
+    for m in models.values():
+        m.eval()
+        m.requires_grad_(False)
+
+
 def learn(
     fm: FunctionalMerge,
     models: Mapping[str, torch.nn.Module],
@@ -189,13 +200,7 @@ def learn(
     """
     if not train:
         raise CoefficientError("no training data")
-    for t in train:
-        if t not in models:
-            raise CoefficientError(f"no task model for task {t!r}")
-    torch.manual_seed(spec.seed)
-    for m in models.values():
-        m.eval()
-        m.requires_grad_(False)
+    freeze_task_models(models, train, spec.seed)
     alpha = (alpha0.clone() if alpha0 is not None else fm.full_alpha(spec.init)).to(fm.device)
     alpha.requires_grad_(spec.train_alpha)
     groups = []

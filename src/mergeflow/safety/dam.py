@@ -56,6 +56,7 @@ from mergeflow.coefficients.train import (
     LearnResult,
     binary_mask,
     entropy,
+    freeze_task_models,
     sample_mask,
 )
 
@@ -208,13 +209,7 @@ def dam(
     """
     if fm.scheme.kind != "task":
         raise CoefficientError("DAM learns one λ per task: use the task block scheme")
-    for t in unlabeled:
-        if t not in models:
-            raise CoefficientError(f"no task model for task {t!r}")
-    torch.manual_seed(spec.seed)
-    for m in models.values():
-        m.eval()
-        m.requires_grad_(False)
+    freeze_task_models(models, unlabeled, spec.seed)
     first = models[next(iter(unlabeled))]
     emb_key = embedding_key(first, prefix)
     if emb_key not in fm.base:
