@@ -72,7 +72,14 @@ def _mlflow(uri: str | None = None):
     logging.getLogger("alembic").setLevel(logging.WARNING)
     import mlflow
 
-    mlflow.set_tracking_uri(uri or tracking_uri())
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(uri or tracking_uri())
+    finally:  # mlflow also exports the URI to os.environ; stage subprocesses must not inherit it
+        if before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 

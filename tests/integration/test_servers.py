@@ -128,9 +128,9 @@ def test_retrain_runs_everything_then_skips_pushes_registers_and_pull_restores(s
     assert fr["state_type"] == "COMPLETED", stack["worker_log"].read_text()[-5000:]
     results = _stage_results(stack, first)
     lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
-    # Known bug (2026-12-01, issue 7 left open): in the deployment path the first run's "stages"
-    # table lacked the new `audit` stage although dvc.lock had it. Every other stage must match.
-    assert set(results) <= set(lock) and set(lock) - set(results) <= {"audit"}, (results, lock)
+    assert set(results) == set(lock), (
+        _artifact(stack, first, "stages"), sorted(lock), stack["worker_log"].read_text()[-5000:]
+    )
     assert set(results.values()) == {"ran"}
     assert "mean normalized" in _artifact(stack, first, "summary")
     assert "finetune@rotten_tomatoes" in _artifact(stack, first, "dvc-lock")

@@ -249,6 +249,7 @@ def run(cfg: Params, paths: Paths) -> dict:
     ) as tr:
         tr.dataset("validation", "-", str(paths.data), "val: grid search of scaling")
         with atomic_dir(paths.out) as tmp:
+            consumed: dict[tuple[str, str], dict] = {}
             if learned_cfg:
                 torch.manual_seed(cfg.seed)
                 data = LearnedData(ctx, paths.data)
@@ -265,17 +266,24 @@ def run(cfg: Params, paths: Paths) -> dict:
                     }
                     for u in meta["data"]:
                         rows_digest = _split_digest(paths.data, u["task"], u["split"])
-                        what = "k-shot (stratified) of " if u["k"] else ""
-                        labels = "labels used" if u["labels_used"] else "labels NOT used"
-                        tr.dataset(
+                        key = (
                             f"{u['task']}/{u['split']}",
                             hashlib.sha256(
                                 f"{rows_digest}:{u['k']}:{u['seed']}".encode()
                             ).hexdigest(),
-                            str(Path(paths.data) / u["task"]),
-                            f"{name}: {what}{u['split']} n={u['n']} k={u['k']} "
-                            f"seed={u['seed']} ({labels})",
                         )
+                        what = "k-shot (stratified) of " if u["k"] else ""
+                        use = consumed.setdefault(
+                            key,
+                            {
+                                "source": str(Path(paths.data) / u["task"]),
+                                "what": f"{what}{u['split']} n={u['n']} k={u['k']} "
+                                f"seed={u['seed']}",
+                                "runs": [],
+                            },
+                        )
+                        labels = "labels used" if u["labels_used"] else "labels NOT used"
+                        use["runs"].append(f"{name} ({labels})")
                     for i, loss in enumerate(meta["losses"], start=1):
                         tr.metrics({f"{name}.loss": loss}, step=i)
                     tr.metrics(
@@ -283,6 +291,11 @@ def run(cfg: Params, paths: Paths) -> dict:
                     )
                     for fn in (f"{name}.safetensors", f"{name}.png", f"{name}.json"):
                         tr.artifact(tmp / fn, f"coefficients/{name}")
+            # one MLflow input per dataset and run (MLflow keeps the first context of a repeated
+            # dataset), so the context names every learned run that consumed those rows
+            for (ds_name, digest), use in consumed.items():
+                context = f"{', '.join(dict.fromkeys(use['runs']))}: {use['what']}"
+                tr.dataset(ds_name, digest, use["source"], context[:500])
             write_json_atomic(tmp / "coefficients.json", result)
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=["method", "scaling", "val_mean_accuracy"])
