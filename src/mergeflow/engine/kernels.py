@@ -165,9 +165,9 @@ def dare(inp: TensorInputs, params) -> torch.Tensor:
             else:
                 org = new = 0.0
                 for s in _ranges(n):
-                    tau = _tau(e, bf, s)
-                    org += float(tau.abs().sum())
-                    new += float((tau * m[s].to(_F32)).abs().sum())
+                    a = _tau(e, bf, s).abs_()
+                    org += float(a.sum())
+                    new += float(a.mul_(m[s]).sum())
                 res = (m, org / new if org > 0 and new > 0 else 1.0)
         cache.clear()  # experts are visited once, in order
         cache[i] = res
@@ -178,10 +178,10 @@ def dare(inp: TensorInputs, params) -> torch.Tensor:
         tau = _tau(e, bf, s)
         if m is None:
             return tau
-        kept = tau * m[s].to(_F32)
+        kept = tau.mul_(m[s])
         if params.rescale == "inverse":
-            return kept / (1.0 - p)
-        return kept * factor if factor != 1.0 else kept
+            return kept.div_(1.0 - p)
+        return kept.mul_(factor) if factor != 1.0 else kept
 
     if params.combine == "ties":
         return _disjoint(inp, lambda i, e, s: (row(i, e, s), 0.0))

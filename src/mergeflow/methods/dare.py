@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+import math
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -48,10 +50,13 @@ def keep_mask(
 ) -> torch.Tensor:
     """Bernoulli keep-mask ``m ~ Bernoulli(1 − p)`` for one (task, tensor).
 
-    Drawn from a CPU ``torch.Generator`` seeded with
+    Drawn from a NumPy ``SFC64`` bit generator seeded with
     :func:`~mergeflow.methods.registry.tensor_seed` ``(seed, task, name)``, so the mask does
-    not depend on dict order or on which other tensors exist. Yu et al., "Language Models are
-    Super Mario" (ICML 2024).
+    not depend on dict order or on which other tensors exist. Each entry takes 32 random bits
+    ``u`` (uniform on the int32 range) and is kept iff ``u ≥ −2³¹ + round(p·2³²)``, i.e. with
+    probability ``1 − p`` up to ``2⁻³³``. Raw bits are about 4× cheaper than ``torch.rand``
+    floats, and the generator releases the GIL, so engine workers draw masks in parallel.
+    Yu et al., "Language Models are Super Mario" (ICML 2024).
 
     Args:
         shape: Tensor shape.
@@ -64,9 +69,10 @@ def keep_mask(
         Bool CPU tensor of ``shape``; ``True`` = keep.
 
     """
-    g = torch.Generator(device="cpu")
-    g.manual_seed(tensor_seed(seed, task, name))
-    return torch.rand(tuple(shape), generator=g, dtype=torch.float32) >= drop_rate
+    n = math.prod(shape)
+    bits = np.random.SFC64(tensor_seed(seed, task, name)).random_raw((n + 1) // 2)
+    u = torch.from_numpy(bits.view(np.int32)[:n])
+    return (u >= round(drop_rate * 2**32) - 2**31).reshape(tuple(shape))
 
 
 def drop_and_rescale(
@@ -91,13 +97,15 @@ def drop_and_rescale(
         New float32 tensor ``τ̃``.
 
     """
-    kept = tau * keep.to(device=tau.device, dtype=tau.dtype)
+    keep = keep.to(device=tau.device)
     if rescale == "inverse":
-        return kept / (1.0 - drop_rate) if drop_rate else kept
-    org = tau.abs().sum()
-    new = kept.abs().sum()
+        kept = tau * keep
+        return kept.div_(1.0 - drop_rate) if drop_rate else kept
+    org = torch.linalg.vector_norm(tau, 1)
+    kept = tau * keep
+    new = torch.linalg.vector_norm(kept, 1)
     if float(org) > 0 and float(new) > 0:
-        kept = kept * (org / new)
+        kept.mul_(org / new)
     return kept
 
 
