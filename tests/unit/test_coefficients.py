@@ -264,3 +264,13 @@ def test_divergence_stops_with_last_good_state(setup):
     assert seen == [1, 2] and ei.value.step == 2
     good = ei.value.last_good["alpha"]
     assert torch.isfinite(good).all() and not good.equal(fm.full_alpha(0.3))
+
+
+def test_every_learned_method_has_a_learner():
+    import typing
+
+    from mergeflow.config import LearnedCfg
+    from mergeflow.pipeline.coefficients import LEARNERS
+
+    methods = typing.get_args(LearnedCfg.model_fields["method"].annotation)
+    assert set(LEARNERS) == set(methods)

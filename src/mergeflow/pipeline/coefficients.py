@@ -111,6 +111,85 @@ def _models(ctx: MergeContext) -> tuple[dict, str]:
     return models, prefixes.pop()
 
 
+@dataclass(frozen=True)
+class Fit:
+    """What a learner gets: the functional merge, task models, data and the resolved run config."""
+
+    fm: lc.FunctionalMerge
+    models: dict
+    prefix: str
+    train: dict
+    select: dict | None
+    reference: dict | None
+    ta_scaling: float
+    rc: dict
+    common: dict
+
+
+def _adamerging(f: Fit):
+    return lc.adamerging(
+        f.fm, f.models, f.prefix, f.train, lr=f.rc["lr"], init=f.rc["init"], **f.common
+    )
+
+
+def _atlas(f: Fit):
+    rc = f.rc
+    return lc.atlas(
+        f.fm,
+        f.models,
+        f.prefix,
+        f.train,
+        objective=rc["objective"],
+        select=f.select,
+        reference=f.reference,
+        eval_every=rc["eval_every"],
+        lr=rc["lr"],
+        weight_decay=rc["weight_decay"],
+        grad_clip=rc["grad_clip"],
+        init=rc["init"],
+        pseudo_threshold=rc["pseudo_threshold"],
+        **f.common,
+    )
+
+
+def _dam(f: Fit):
+    rc = f.rc
+    spec = DamSpec(
+        over=rc["over"],
+        init=f.ta_scaling if rc["over"] == "task_arithmetic" else rc["init"],
+        lr=rc["lr"],
+        mask_lr=rc["mask_lr"],
+        mask_init=rc["mask_init"],
+        temperature=rc["temperature"],
+        adv_weight=rc["adv_weight"],
+        adv_lr=rc["adv_lr"],
+        trigger_tokens=rc["trigger_tokens"],
+        **f.common,
+    )
+    return dam(f.fm, f.models, f.prefix, f.train, spec)
+
+
+def _concrete(f: Fit):
+    rc = f.rc
+    return lc.concrete(
+        f.fm,
+        f.models,
+        f.prefix,
+        f.train,
+        over=rc["over"],
+        scaling=f.ta_scaling,
+        temperature=rc["temperature"],
+        mask_init=rc["mask_init"],
+        mask_lr=rc["mask_lr"],
+        lr=rc["lr"],
+        **f.common,
+    )
+
+
+# learned-run method (``coefficients.learned.<run>.method``) -> its learner
+LEARNERS = {"adamerging": _adamerging, "atlas": _atlas, "dam": _dam, "concrete": _concrete}
+
+
 def learn_run(
     name: str,
     lcfg: LearnedCfg,
@@ -134,60 +213,10 @@ def learn_run(
             acc = lc.accuracies(fm, models, prefix, {t: select[t]}, fm.one_hot_alpha(t))
             reference[t] = acc[t]
     common = dict(steps=rc["steps"], batch_size=rc["batch_size"], seed=seed)
+    fit = LEARNERS[rc["method"]]
     t0 = time.monotonic()
     try:
-        if rc["method"] == "adamerging":
-            res = lc.adamerging(fm, models, prefix, train, lr=rc["lr"], init=rc["init"], **common)
-        elif rc["method"] == "atlas":
-            res = lc.atlas(
-                fm,
-                models,
-                prefix,
-                train,
-                objective=rc["objective"],
-                select=select,
-                reference=reference,
-                eval_every=rc["eval_every"],
-                lr=rc["lr"],
-                weight_decay=rc["weight_decay"],
-                grad_clip=rc["grad_clip"],
-                init=rc["init"],
-                pseudo_threshold=rc["pseudo_threshold"],
-                **common,
-            )
-        elif rc["method"] == "dam":
-            res = dam(
-                fm,
-                models,
-                prefix,
-                train,
-                DamSpec(
-                    over=rc["over"],
-                    init=ta_scaling if rc["over"] == "task_arithmetic" else rc["init"],
-                    lr=rc["lr"],
-                    mask_lr=rc["mask_lr"],
-                    mask_init=rc["mask_init"],
-                    temperature=rc["temperature"],
-                    adv_weight=rc["adv_weight"],
-                    adv_lr=rc["adv_lr"],
-                    trigger_tokens=rc["trigger_tokens"],
-                    **common,
-                ),
-            )
-        else:
-            res = lc.concrete(
-                fm,
-                models,
-                prefix,
-                train,
-                over=rc["over"],
-                scaling=ta_scaling,
-                temperature=rc["temperature"],
-                mask_init=rc["mask_init"],
-                mask_lr=rc["mask_lr"],
-                lr=rc["lr"],
-                **common,
-            )
+        res = fit(Fit(fm, models, prefix, train, select, reference, ta_scaling, rc, common))
     except lc.CoefficientDivergence as err:
         ckpt = Path(checkpoint_dir) / f"{name}.last_good.safetensors"
         save_state_dict(err.last_good, ckpt, metadata={"step": str(err.step), "run": name})
