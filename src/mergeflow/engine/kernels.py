@@ -98,36 +98,36 @@ def _disjoint(
     """TIES elect + disjoint mean in one pass over the experts.
 
     ``row(i, e_i, s)`` gives expert i's chunk ``τ_i`` and a trim threshold ``thr``
-    (``τ̂ = τ ⊙ 1[|τ| ≥ thr]``, no trim when ``thr = 0``). Accumulate ``P = Σ max(τ̂, 0)``,
-    ``N = Σ min(τ̂, 0)`` and the counts of positive / negative entries. Then ``γ = sgn(P + N)``
+    (``τ̂ = τ ⊙ 1[|τ| ≥ thr]``, no trim when ``thr = 0``); the chunk is a scratch tensor that
+    is modified in place. Accumulate ``S = Σ τ̂``, ``P = Σ max(τ̂, 0)`` and the counts of
+    positive / negative entries; ``N = S − P = Σ min(τ̂, 0)``. Then ``γ = sgn(S)``
     (sign of the total mass) and the mean over the agreeing tasks is ``P / #pos`` where
     ``γ > 0``, ``N / #neg`` where ``γ < 0``, 0 where ``γ = 0`` — the disjoint merge of Yadav et
     al., NeurIPS 2023, without a second pass.
     """
     n = inp.base.numel()
     cdt = torch.uint8 if len(inp.tasks) < 256 else torch.int32
+    tot = torch.zeros(n, dtype=_F32)
     pos = torch.zeros(n, dtype=_F32)
-    neg = torch.zeros(n, dtype=_F32)
     n_pos = torch.zeros(n, dtype=cdt)
     n_neg = torch.zeros(n, dtype=cdt)
     for i in range(len(inp.tasks)):
         e = inp.expert(i).reshape(-1)
         for s in _ranges(n):
-            r, thr = row(i, e, s)
-            # trimmed τ̂ > 0 ⇔ τ ≥ thr (thr > 0), τ̂ < 0 ⇔ τ ≤ −thr; no trim when thr = 0
-            m_pos = r >= thr if thr > 0 else r > 0
-            m_neg = r <= -thr if thr > 0 else r < 0
-            pos[s] += torch.where(m_pos, r, 0.0)
-            neg[s] += torch.where(m_neg, r, 0.0)
-            n_pos[s] += m_pos.view(cdt) if cdt == torch.uint8 else m_pos
-            n_neg[s] += m_neg.view(cdt) if cdt == torch.uint8 else m_neg
-    total = pos + neg
-    up, zero = total > 0, total == 0
-    del total
+            r, thr = row(i, e, s)  # a scratch chunk: trimmed and clamped in place below
+            if thr > 0:
+                r.masked_fill_(r.abs() < thr, 0.0)  # τ̂ = τ ⊙ 1[|τ| ≥ thr]
+            tot[s] += r
+            gt, lt = r > 0, r < 0
+            n_pos[s] += gt.view(cdt) if cdt == torch.uint8 else gt
+            n_neg[s] += lt.view(cdt) if cdt == torch.uint8 else lt
+            pos[s] += r.clamp_min_(0.0)
+    up, zero = tot > 0, tot == 0
+    neg = tot.sub_(pos)  # N = Σ τ̂ − P, in place: the peak stays at two float32 copies
     pos.div_(n_pos.clamp_min_(1))
     neg.div_(n_neg.clamp_min_(1))
     del n_pos, n_neg
-    torch.where(up, pos, neg, out=neg)  # in place: keeps the peak at two float32 copies
+    torch.where(up, pos, neg, out=neg)
     return neg.masked_fill_(zero, 0.0)
 
 
