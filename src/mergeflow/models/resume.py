@@ -124,9 +124,10 @@ def load(
         state[int(idx)] = {
             k: (sd[f"opt.{idx}.{k}"].to(device) if k not in scal else scal[k]) for k in keys
         }
+    fused = any(g.get("fused") or g.get("capturable") for g in meta["param_groups"])
     for entry in state.values():  # AdamW keeps ``step`` on the CPU unless capturable/fused
         if isinstance(entry.get("step"), torch.Tensor):
-            entry["step"] = entry["step"].cpu()
+            entry["step"] = entry["step"].to(device) if fused else entry["step"].cpu()
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"])
     torch.set_rng_state(sd["rng.torch"])
