@@ -255,3 +255,18 @@ def test_per_task():
         T.per_task({"a": 1.0, "b": 1.0, "c": 1.0}, ["a", "b"], "lam", 0.0)
     with pytest.raises(MergeError, match="finite"):
         T.per_task(math.nan, ["a"], "lam", 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_all_finite_matches_isfinite(dtype, bad):
+    t = torch.randn(1001).to(dtype)
+    if bad is not None:
+        t[537] = bad
+    assert T.all_finite(t) == bool(torch.isfinite(t).all()) == (bad is None)
+
+
+def test_all_finite_edge_cases():
+    assert T.all_finite(torch.empty(0))
+    assert T.all_finite(torch.arange(5))  # integers are always finite
+    assert not T.all_finite(torch.tensor([float("inf"), float("-inf")]))

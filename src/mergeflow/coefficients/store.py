@@ -18,6 +18,7 @@ import torch
 
 from mergeflow.coefficients.functional import BlockScheme, CoefficientError, FunctionalMerge
 from mergeflow.io import SafetensorsFile, save_state_dict, write_bytes_atomic
+from mergeflow.tensors import all_finite
 
 
 def save_learned(
@@ -27,7 +28,7 @@ def save_learned(
     mask: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write α (and a binary mask) with everything needed to re-apply it."""
-    if not bool(torch.isfinite(alpha).all()):
+    if not all_finite(alpha):
         raise CoefficientError("refusing to save non-finite coefficients")
     sd = {"alpha": alpha.detach().float().cpu()}
     for k, v in (mask or {}).items():

@@ -33,6 +33,7 @@ from mergeflow.coefficients.functional import (
     FunctionalMerge,
     functional_logits,
 )
+from mergeflow.tensors import all_finite
 
 OBJECTIVES = ("entropy", "ce", "pseudo_label")
 
@@ -261,8 +262,8 @@ def learn(
         with torch.no_grad():
             if spec.clamp is not None:
                 alpha.clamp_(*spec.clamp)
-        bad = not bool(torch.isfinite(alpha).all()) or any(
-            not bool(torch.isfinite(v).all()) for v in (mask_logits or {}).values()
+        bad = not all_finite(alpha) or any(
+            not all_finite(v) for v in (mask_logits or {}).values()
         )
         if bad:
             raise CoefficientDivergence(

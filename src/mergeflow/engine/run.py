@@ -18,7 +18,7 @@ from mergeflow import methods
 from mergeflow.io import atomic_dir
 from mergeflow.methods.pcb import PcbStats, balance, clip_ranks, drop_rank
 from mergeflow.methods.registry import _validate_params
-from mergeflow.tensors import MergeError, is_mergeable, num_keep
+from mergeflow.tensors import MergeError, all_finite, is_mergeable, num_keep
 
 from . import kernels
 from .checkpoint import Checkpoint, check_same_architecture
@@ -90,8 +90,7 @@ class _Reader:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    lo, hi = torch.aminmax(t.reshape(-1))
-    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
+    return all_finite(t)
 
 
 def _resolve(method: str, hyper: Mapping[str, Any]):

@@ -24,6 +24,8 @@ import fsspec
 import torch
 from safetensors.torch import save as st_save
 
+from mergeflow.tensors import all_finite
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -246,7 +248,7 @@ def check_finite(sd: Mapping[str, torch.Tensor], where: str) -> None:
         CheckpointError: Naming the file/context and the tensor.
     """
     for name, t in sd.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        if not all_finite(t):
             raise CheckpointError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 

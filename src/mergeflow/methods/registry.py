@@ -26,6 +26,7 @@ from pydantic.fields import FieldInfo
 from mergeflow.tensors import (
     MergeError,
     StateDict,
+    all_finite,
     check_compatible,
     is_mergeable,
     per_task,
@@ -376,7 +377,7 @@ def assemble(
     for name, d in deltas:
         b = base[name]
         m = (b.to(_F32) + d.to(device=b.device, dtype=_F32) * scaling).to(b.dtype)
-        if m.numel() and not bool(torch.isfinite(m).all()):
+        if not all_finite(m):
             raise MergeError(
                 f"merged tensor '{name}' is not finite in {b.dtype} (overflow? lower the scaling)"
             )

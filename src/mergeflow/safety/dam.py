@@ -59,6 +59,7 @@ from mergeflow.coefficients.train import (
     freeze_task_models,
     sample_mask,
 )
+from mergeflow.tensors import all_finite
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def dam(
         loss.backward()
         opt.step()
         bad = any(
-            not bool(torch.isfinite(v).all()) for v in (*logits_s.values(), *logits_b.values())
+            not all_finite(v) for v in (*logits_s.values(), *logits_b.values())
         )
         if bad:
             raise CoefficientDivergence(
