@@ -159,12 +159,10 @@ def main() -> None:
         for name in ("task_arithmetic", "ties"):
             hp = dict(cfg.evaluate.methods.get(name, {}))
             val_scores = {
-                lam: mean(
-                    ctx.score(
-                        methods.merge(name, ctx.base, experts, scaling=lam, **hp), val
-                    ).values()
+                lam: mean(ctx.score(merged, val).values())
+                for lam, merged in methods.merge_grid(
+                    name, ctx.base, experts, cfg.coefficients.grid, **hp
                 )
-                for lam in cfg.coefficients.grid
             }
             lam = pick(val_scores)
             merged = methods.merge(name, ctx.base, experts, scaling=lam, **hp)

@@ -187,8 +187,8 @@ def main() -> None:
     }
     for name, hp in hps.items():
         scores = {}
-        for lam in grid:
-            a = ctx.score(methods.merge(name, ctx.base, experts, scaling=lam, **hp), val)
+        for lam, merged in methods.merge_grid(name, ctx.base, experts, grid, **hp):
+            a = ctx.score(merged, val)
             scores[lam] = sum(a.values()) / len(a)
         best = max(scores, key=lambda lam: (scores[lam], -lam))
         record(name, methods.merge(name, ctx.base, experts, scaling=best, **hp), best)

@@ -667,3 +667,33 @@ def test_tsv_single_expert_full_rank_is_expert():
     out = methods.merge("tsv", base, experts)
     for k in ("w", "s"):
         torch.testing.assert_close(out[k], experts["t0"][k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("name", methods.available())
+def test_contract_merge_grid_equals_separate_merges(name, dtype, monkeypatch):
+    """θ(λ) = θ_0 + λ·τ_merged with τ_merged independent of λ: the λ grid runs a method once."""
+    import dataclasses
+
+    from mergeflow.methods import registry
+
+    base, experts = contract_state(dtype, 3)
+    grid = [0.3, 1.0, 0.0, 0.7]
+    spec, runs = registry.get(name), []
+    counted = dataclasses.replace(spec, fn=lambda *a: runs.append(1) or spec.fn(*a))
+    monkeypatch.setitem(registry._REGISTRY, name, counted)
+    got = list(methods.merge_grid(name, base, experts, grid))
+    assert len(runs) == 1, "the grid re-ran the method instead of reusing τ_merged"
+    monkeypatch.setitem(registry._REGISTRY, name, spec)
+    assert [lam for lam, _ in got] == grid
+    for lam, sd in got:
+        want = methods.merge(name, base, experts, scaling=lam)
+        assert list(sd) == list(want)
+        for k in want:
+            assert sd[k].dtype == want[k].dtype and torch.equal(sd[k], want[k]), (lam, k)
+
+
+def test_merge_grid_rejects_a_scaling_hyperparameter():
+    base, experts = contract_state(torch.float32, 2)
+    with pytest.raises(MergeError, match="scalings as a list"):
+        list(methods.merge_grid("ties", base, experts, [0.3], scaling=0.5))

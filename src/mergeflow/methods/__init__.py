@@ -22,7 +22,17 @@ from mergeflow.methods.registry import (
     describe_params,
     get,
     merge,
+    merge_grid,
     register,
 )
 
-__all__ = ["MethodParams", "MethodSpec", "available", "describe_params", "get", "merge", "register"]
+__all__ = [
+    "MethodParams",
+    "MethodSpec",
+    "available",
+    "describe_params",
+    "get",
+    "merge",
+    "merge_grid",
+    "register",
+]

@@ -262,8 +262,10 @@ def run(cfg: Params, paths: Paths) -> dict:
     for name in cfg.evaluate.methods:
         hp = method_hyperparams(cfg, name, paths.masks)
         scores = {}
-        for lam in cfg.coefficients.grid:
-            acc = ctx.score(methods.merge(name, ctx.base, experts, scaling=lam, **hp), val)
+        # the method runs once; each λ only rebuilds θ_0 + λ·τ_merged (bitwise as merge())
+        for lam, merged in methods.merge_grid(name, ctx.base, experts, cfg.coefficients.grid, **hp):
+            acc = ctx.score(merged, val)
+            del merged
             scores[lam] = sum(acc.values()) / len(acc)
             rows.append({"method": name, "scaling": lam, "val_mean_accuracy": scores[lam]})
         best = max(scores, key=lambda lam: (scores[lam], -lam))
