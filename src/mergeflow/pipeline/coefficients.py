@@ -125,65 +125,42 @@ class Fit:
     rc: dict
     common: dict
 
+    @property
+    def inputs(self) -> tuple:
+        """The positional arguments every learner takes: (fm, models, prefix, train)."""
+        return self.fm, self.models, self.prefix, self.train
+
+    def pick(self, *keys: str) -> dict:
+        """These keys of the resolved run config, as keyword arguments."""
+        return {k: self.rc[k] for k in keys}
+
 
 def _adamerging(f: Fit):
-    return lc.adamerging(
-        f.fm, f.models, f.prefix, f.train, lr=f.rc["lr"], init=f.rc["init"], **f.common
-    )
+    return lc.adamerging(*f.inputs, **f.pick("lr", "init"), **f.common)
 
 
 def _atlas(f: Fit):
-    rc = f.rc
+    hp = f.pick("objective", "eval_every", "lr", "weight_decay", "grad_clip", "init")
     return lc.atlas(
-        f.fm,
-        f.models,
-        f.prefix,
-        f.train,
-        objective=rc["objective"],
+        *f.inputs,
         select=f.select,
         reference=f.reference,
-        eval_every=rc["eval_every"],
-        lr=rc["lr"],
-        weight_decay=rc["weight_decay"],
-        grad_clip=rc["grad_clip"],
-        init=rc["init"],
-        pseudo_threshold=rc["pseudo_threshold"],
+        pseudo_threshold=f.rc["pseudo_threshold"],
+        **hp,
         **f.common,
     )
 
 
 def _dam(f: Fit):
-    rc = f.rc
-    spec = DamSpec(
-        over=rc["over"],
-        init=f.ta_scaling if rc["over"] == "task_arithmetic" else rc["init"],
-        lr=rc["lr"],
-        mask_lr=rc["mask_lr"],
-        mask_init=rc["mask_init"],
-        temperature=rc["temperature"],
-        adv_weight=rc["adv_weight"],
-        adv_lr=rc["adv_lr"],
-        trigger_tokens=rc["trigger_tokens"],
-        **f.common,
-    )
-    return dam(f.fm, f.models, f.prefix, f.train, spec)
+    init = f.ta_scaling if f.rc["over"] == "task_arithmetic" else f.rc["init"]
+    hp = f.pick("over", "lr", "mask_lr", "mask_init", "temperature", "adv_weight", "adv_lr")
+    spec = DamSpec(init=init, trigger_tokens=f.rc["trigger_tokens"], **hp, **f.common)
+    return dam(*f.inputs, spec)
 
 
 def _concrete(f: Fit):
-    rc = f.rc
-    return lc.concrete(
-        f.fm,
-        f.models,
-        f.prefix,
-        f.train,
-        over=rc["over"],
-        scaling=f.ta_scaling,
-        temperature=rc["temperature"],
-        mask_init=rc["mask_init"],
-        mask_lr=rc["mask_lr"],
-        lr=rc["lr"],
-        **f.common,
-    )
+    hp = f.pick("over", "temperature", "mask_init", "mask_lr", "lr")
+    return lc.concrete(*f.inputs, scaling=f.ta_scaling, **hp, **f.common)
 
 
 # learned-run method (``coefficients.learned.<run>.method``) -> its learner
