@@ -697,3 +697,23 @@ def test_merge_grid_rejects_a_scaling_hyperparameter():
     base, experts = contract_state(torch.float32, 2)
     with pytest.raises(MergeError, match="scalings as a list"):
         list(methods.merge_grid("ties", base, experts, [0.3], scaling=0.5))
+
+
+def test_merge_grid_reruns_a_method_that_assembles_twice(monkeypatch):
+    """A method whose result is not one assemble(θ_0, τ, λ) must be re-run per λ, not reused."""
+    from mergeflow.methods import registry
+
+    def twice(base, experts, params):
+        keys = registry.mergeable_keys(base)
+        first = registry.assemble(base, ((k, torch.ones_like(base[k])) for k in keys), 1.0)
+        tau = ((k, first[k] - base[k]) for k in keys)  # depends on nothing but τ = 1
+        return registry.assemble(base, tau, params.scaling * params.scaling)  # not linear in λ
+
+    spec = registry.get("task_arithmetic")
+    import dataclasses
+
+    monkeypatch.setitem(registry._REGISTRY, "task_arithmetic", dataclasses.replace(spec, fn=twice))
+    base, experts = contract_state(torch.float32, 2)
+    for lam, sd in methods.merge_grid("task_arithmetic", base, experts, [0.5, 2.0]):
+        want = methods.merge("task_arithmetic", base, experts, scaling=lam)
+        assert torch.equal(sd["weight"], want["weight"]), lam

@@ -312,6 +312,7 @@ def merge(
 class _Capture(threading.local):
     """Per-thread sink for the τ_merged pairs that :func:`assemble` consumes."""
 
+    active: bool = False
     box: dict[str, torch.Tensor] | None = None
     calls: int = 0
 
@@ -352,12 +353,12 @@ def merge_grid(
     if not lams:
         return
     box: dict[str, torch.Tensor] = {}
-    _CAPTURE.box, _CAPTURE.calls = box, 0
+    _CAPTURE.active, _CAPTURE.box, _CAPTURE.calls = True, box, 0
     try:
         first = merge(name, base, experts, scaling=lams[0], **hyperparams)
         calls = _CAPTURE.calls
     finally:
-        _CAPTURE.box, _CAPTURE.calls = None, 0
+        _CAPTURE.active, _CAPTURE.box, _CAPTURE.calls = False, None, 0
     yield lams[0], first
     del first
     reuse = calls == 1 and set(box) == set(mergeable_keys(base))
@@ -434,10 +435,10 @@ def assemble(
             base dtype (e.g. float16 overflow).
 
     """
-    box = _CAPTURE.box
-    if box is not None:  # recording for merge_grid (only the method's own, outermost call)
+    box = None
+    if _CAPTURE.active:  # merge_grid is recording: count every call, keep the first one's τ
         _CAPTURE.calls += 1
-        _CAPTURE.box = None
+        box = _CAPTURE.box if _CAPTURE.calls == 1 else None
     merged: dict[str, torch.Tensor] = {}
     for name, d in deltas:
         if box is not None:  # a view would keep its whole parent (e.g. all T rows) alive
