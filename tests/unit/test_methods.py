@@ -717,3 +717,10 @@ def test_merge_grid_reruns_a_method_that_assembles_twice(monkeypatch):
     for lam, sd in methods.merge_grid("task_arithmetic", base, experts, [0.5, 2.0]):
         want = methods.merge("task_arithmetic", base, experts, scaling=lam)
         assert torch.equal(sd["weight"], want["weight"]), lam
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 1 - 1e-12])
+def test_dare_keep_mask_rate_and_extremes(p):
+    m = dare_mod.keep_mask((301, 333), p, 0, "A", "w")
+    assert m.dtype == torch.bool and m.shape == (301, 333)
+    assert abs(float(m.float().mean()) - (1 - p)) < 0.005

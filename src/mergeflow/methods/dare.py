@@ -70,9 +70,12 @@ def keep_mask(
 
     """
     n = math.prod(shape)
+    threshold = round(drop_rate * 2**32) - 2**31
+    if threshold > 2**31 - 1:  # p within 2⁻³³ of 1: nothing is kept
+        return torch.zeros(tuple(shape), dtype=torch.bool)
     bits = np.random.SFC64(tensor_seed(seed, task, name)).random_raw((n + 1) // 2)
     u = torch.from_numpy(bits.view(np.int32)[:n])
-    return (u >= round(drop_rate * 2**32) - 2**31).reshape(tuple(shape))
+    return (u >= threshold).reshape(tuple(shape))
 
 
 def drop_and_rescale(
