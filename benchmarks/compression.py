@@ -40,7 +40,7 @@ from mergeflow.masks import pack_masks, tall_masks_from_vectors
 from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
 from mergeflow.pipeline.compress import dir_bytes, router_data
 from mergeflow.pipeline.context import MergeContext
-from mergeflow.pipeline.masks import masked_expert
+from mergeflow.pipeline.masks import lambda_grid
 
 
 def mean(xs):
@@ -130,12 +130,7 @@ def main() -> None:
         add("experts", "one model per task", experts_total, {t: expert_acc[t] for t in tasks})
         # TALL: λ_t per task on validation, as the masks stage does
         mtl = tensors.sum_all(list(tvs.values()))
-        grid = {t: {} for t in tasks}
-        for lam in cfg.masks.lambdas:
-            m = tall_masks_from_vectors(tvs, lam, mtl=mtl)
-            for t in tasks:
-                grid[t][lam] = ctx.score(masked_expert(ctx.base, mtl, m[t]), val, [t])[t]
-        chosen = {t: pick(grid[t]) for t in tasks}
+        chosen = lambda_grid(ctx, tvs, val, cfg.masks.lambdas).choose(cfg.masks.select)
         packed, meta = pack_masks(tall_masks_from_vectors(tvs, chosen, mtl=mtl))
         save_state_dict(packed, tmp / f"masks{n}.safetensors", metadata=meta)
         for form, k in (("tall", None), ("tall_consensus", cfg.masks.consensus_k)):

@@ -81,6 +81,9 @@ class MasksCfg(_Section):
 
     lambdas: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
     consensus_k: PositiveInt = 2
+    # How λ_t is chosen on validation: ``agreement`` (share of inputs where θ_0 + m_t ⊙ τ_MTL
+    # predicts what the expert predicts; ties by accuracy) or ``accuracy`` (the TALL paper's rule).
+    select: Literal["agreement", "accuracy"] = "agreement"
 
     @field_validator("lambdas")
     @classmethod

@@ -37,6 +37,7 @@ def test_params_are_frozen():
         ({"finetune": {"lerning_rate": 0.1}}, "finetune.lerning_rate: unknown key"),
         ({"data": {"n_val": 0}}, "data.n_val"),
         ({"masks": {"lambdas": []}}, "masks.lambdas"),
+        ({"masks": {"select": "best"}}, "masks.select"),
         ({"coefficients": {"grid": [-0.5]}}, "coefficients.grid"),
         ({"tasks": []}, "tasks"),
         ({"tasks": ["rotten_tomatoes", "rotten_tomatoes"]}, "duplicate"),

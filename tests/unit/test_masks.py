@@ -234,3 +234,16 @@ def test_pack_unpack_masks_errors():
         masks.unpack_masks(packed, {**meta, bitpack.FORMAT_KEY: "v9"})
     with pytest.raises(MergeError, match="'nokey'"):
         masks.unpack_masks({"nokey": packed["a/w"]}, meta)
+
+
+def test_lambda_choice_by_agreement_then_accuracy_then_smaller_lambda():
+    from mergeflow.pipeline.masks import LambdaGrid
+
+    grid = LambdaGrid(
+        accuracy={"a": {"0.2": 0.50, "0.4": 0.55, "0.6": 0.55}, "b": {"0.2": 0.7, "0.4": 0.7}},
+        agreement={"a": {"0.2": 0.97, "0.4": 0.90, "0.6": 0.92}, "b": {"0.2": 0.9, "0.4": 0.9}},
+    )
+    # agreement first: a's best agreement (0.97) wins over its best accuracy (0.55)
+    assert grid.choose("agreement") == {"a": 0.2, "b": 0.2}
+    # accuracy first: a ties at 0.55 between 0.4 and 0.6 -> agreement 0.92 picks 0.6
+    assert grid.choose("accuracy") == {"a": 0.6, "b": 0.2}

@@ -9,7 +9,7 @@ import torch
 
 from mergeflow.config import Params
 from mergeflow.models.hf import offline_env
-from mergeflow.models.inference import Batches, TaskModels
+from mergeflow.models.inference import Batches, TaskModels, predict
 from mergeflow.pipeline.artifacts import load_base_encoder, load_task_vectors, task_batches
 
 
@@ -65,6 +65,13 @@ class MergeContext:
         tasks = tasks or self.tasks
         self.models.set_encoder(encoder, tasks)
         return {t: self.models.accuracy(t, batches[t]) for t in tasks}
+
+    def predictions(
+        self, encoder: dict[str, torch.Tensor], batches: Batches, task: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted and true labels of ``task``'s model with ``encoder`` (rows in batch order)."""
+        self.models.set_encoder(encoder, [task])
+        return predict(self.models.models[task], batches, self.models.device)
 
     @torch.inference_mode()
     def pooled_features(self, encoder: dict[str, torch.Tensor], batches: Batches) -> torch.Tensor:

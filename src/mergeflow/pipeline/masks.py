@@ -4,6 +4,13 @@ TALL masks (Wang et al., "Localizing Task Information for Improved Model Merging
 ICML 2024): m_t = 1[|τ_t| ≥ λ_t·|τ_MTL − τ_t|] with τ_MTL = Σ_t τ_t, so that
 θ_t ≈ θ_0 + m_t ⊙ τ_MTL. λ_t is picked from ``masks.lambdas`` by the task's validation accuracy
 of that reconstruction. The consensus mask keeps weights that at least k tasks' masks keep.
+
+λ_t selection (``masks.select``): the paper picks the λ with the best validation accuracy. The
+default here is ``agreement``: the share of validation inputs on which the reconstruction predicts
+what the expert itself predicts (ties broken by accuracy, then by the smaller λ). Compression is
+meant to reproduce the expert; agreement measures that directly and, on a small validation split,
+varies far less between candidates than accuracy does (a few flipped labels of a near-chance expert
+decide an accuracy comparison, while agreement counts every changed prediction).
 """
 
 from __future__ import annotations
@@ -43,22 +50,71 @@ def density(mask: dict[str, torch.Tensor]) -> float:
     return on / max(1, sum(m.numel() for m in mask.values()))
 
 
+@dataclass(frozen=True)
+class LambdaGrid:
+    """Validation scores of every candidate λ per task: ``{task: {str(λ): score}}``."""
+
+    accuracy: dict[str, dict[str, float]]
+    agreement: dict[str, dict[str, float]]
+
+    def choose(self, rule: str = "agreement") -> dict[str, float]:
+        """λ_t per task: best ``rule`` score, then the other score, then the smaller λ."""
+        first, second = (
+            (self.agreement, self.accuracy) if rule == "agreement" else (self.accuracy, self.agreement)
+        )
+        return {
+            t: float(max(first[t], key=lambda k, t=t: (first[t][k], second[t][k], -float(k))))
+            for t in first
+        }
+
+
+def lambda_grid(
+    ctx: MergeContext,
+    task_vectors: dict[str, dict[str, torch.Tensor]],
+    val: dict,
+    lambdas: tuple[float, ...],
+) -> LambdaGrid:
+    """Score the TALL reconstruction of every task in ``task_vectors`` for each candidate λ.
+
+    Args:
+        ctx: Base weights and the experts' task models (heads).
+        task_vectors: τ_t of the tasks to mask (τ_MTL is their sum).
+        val: Tokenized validation batches per task.
+        lambdas: Candidate λ values.
+
+    Returns:
+        Validation accuracy and agreement with the expert's own predictions, per task and λ.
+    """
+    mtl = tensors.sum_all(list(task_vectors.values()))
+    ref = {
+        t: ctx.predictions(tensors.apply(ctx.base, tv, 1.0), val[t], t)[0]
+        for t, tv in task_vectors.items()
+    }
+    acc: dict[str, dict[str, float]] = {t: {} for t in task_vectors}
+    agree: dict[str, dict[str, float]] = {t: {} for t in task_vectors}
+    for lam in lambdas:
+        masks = tall_masks_from_vectors(task_vectors, lam, mtl=mtl)
+        for t in task_vectors:
+            pred, gold = ctx.predictions(masked_expert(ctx.base, mtl, masks[t]), val[t], t)
+            acc[t][str(lam)] = float((pred == gold).float().mean())
+            agree[t][str(lam)] = float((pred == ref[t]).float().mean())
+    return LambdaGrid(acc, agree)
+
+
 def run(cfg: Params, paths: Paths) -> dict:
     """Pick λ_t per task on validation, save bit-packed TALL masks and the consensus mask."""
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     val = ctx.batches(paths.data, "val")
     mtl = tensors.sum_all(list(ctx.task_vectors.values()))
-    grid: dict[str, dict[str, float]] = {t: {} for t in ctx.tasks}
-    for lam in cfg.masks.lambdas:
-        masks = tall_masks_from_vectors(ctx.task_vectors, lam, mtl=mtl)
-        for t in ctx.tasks:
-            grid[t][str(lam)] = ctx.score(masked_expert(ctx.base, mtl, masks[t]), val, [t])[t]
-    chosen = {t: float(max(grid[t], key=lambda k: (grid[t][k], -float(k)))) for t in ctx.tasks}
+    grid = lambda_grid(ctx, ctx.task_vectors, val, cfg.masks.lambdas)
+    chosen = grid.choose(cfg.masks.select)
     masks = tall_masks_from_vectors(ctx.task_vectors, chosen, mtl=mtl)
     cons = consensus_mask(masks, k=cfg.masks.consensus_k)
     summary = {
         "lambda": chosen,
-        "val_accuracy_grid": grid,
+        "select": cfg.masks.select,
+        "val_accuracy_grid": grid.accuracy,
+        "val_agreement_grid": grid.agreement,
         "density": {t: density(m) for t, m in masks.items()},
         "consensus_density": density(cons),
         "consensus_k": cfg.masks.consensus_k,
