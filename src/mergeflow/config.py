@@ -184,7 +184,7 @@ class LearnedCfg(_Section):
 class CoefficientsCfg(_Section):
     """Validation grid search of the scaling coefficient for each merge method, and learned runs."""
 
-    grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
     learned: dict[str, LearnedCfg] = Field(default_factory=dict)
     run_learned: bool = True  # false: keep the runs configured but skip them (ci profile)
     concrete_scaling: Annotated[float, Field(ge=0)] = 0.3
