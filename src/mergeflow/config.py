@@ -72,7 +72,7 @@ class FinetuneCfg(_Section):
     head_init: Literal["linear_probe", "random"] = "linear_probe"
     probe_epochs: PositiveInt = 100
     # resume point every N optimizer steps (0 = never); kept beside the output, not tracked by DVC
-    checkpoint_every: Annotated[int, Field(ge=0)] = 20
+    checkpoint_every: Annotated[int, Field(ge=0)] = 0
     lora: LoraCfg = LoraCfg()
 
 
