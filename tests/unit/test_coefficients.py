@@ -8,12 +8,13 @@ import struct
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from mergeflow import coefficients as lc
 from mergeflow.coefficients.train import binary_mask, sample_mask
 from mergeflow.config import PACKAGED_MINILM, ConfigError, LearnedCfg, parse_params
 from mergeflow.models.hf import load_encoder_into, resolve_model_path, split_state_dict
+from tests.helpers import tiny_bert
 
 TEXTS = {
     "sent": (["good movie", "great film", "loved it", "bad movie", "awful film", "hated it"] * 3),
@@ -25,17 +26,7 @@ SCHEMES = [lc.BlockScheme("task"), lc.BlockScheme("layer"), lc.BlockScheme("atla
 
 
 def tiny(num_labels: int, seed: int) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert(num_labels, seed).eval()
 
 
 @pytest.fixture(scope="module")

@@ -8,27 +8,17 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
 
 from mergeflow.compression import lora_lego as lego
 from mergeflow.config import LoraCfg
 from mergeflow.engine.lora import dense_deltas
 from mergeflow.models.lora import wrap_lora
 from mergeflow.tensors import MergeError
+from tests.helpers import tiny_bert
 
 
 def tiny(seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert(seed=seed, vocab_size=100, max_positions=32).eval()
 
 
 def make_adapter(path, seed, r=4, alpha=8, head_seed=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer
 
 from mergeflow.config import PACKAGED_MINILM, LoraCfg
 from mergeflow.models.hf import (
@@ -17,6 +17,7 @@ from mergeflow.models.hf import (
 from mergeflow.models.inference import TaskModels, accuracy, tokenize
 from mergeflow.models.lora import lora_delta, wrap_lora
 from mergeflow.models.train import finetune
+from tests.helpers import tiny_bert
 
 TEXTS = ["good movie", "great film", "loved it", "bad movie", "awful film", "hated it"] * 4
 LABELS = [1, 1, 1, 0, 0, 0] * 4
@@ -28,17 +29,7 @@ def tok():
 
 
 def tiny(num_labels=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg)
+    return tiny_bert(num_labels, seed)
 
 
 def test_resolve_model_path(tmp_path):

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertForSequenceClassification, BertTokenizerFast
 
 from mergeflow.io import SafetensorsFile
 from mergeflow.models import resume
 from mergeflow.models.train import finetune
+from tests.helpers import tiny_bert
 
 TEXTS = ["good movie", "great film", "loved it", "bad movie", "awful film", "hated it", "ok"] * 3
 LABELS = [1, 1, 1, 0, 0, 0, 1] * 3
@@ -39,10 +40,7 @@ def tok(tmp_path_factory):
 
 
 def tiny() -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    return BertForSequenceClassification(cfg)  # dropout 0.1: exercises the RNG state
+    return tiny_bert(vocab_size=5 + len(WORDS), max_positions=32)  # dropout 0.1: exercises the RNG
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +104,7 @@ def test_point_of_another_run_is_ignored(tok, tmp_path):
 SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]
 from pathlib import Path
 from test_resume import KW, TEXTS, LABELS, tiny, tiny_tokenizer
 from mergeflow.io import save_state_dict
@@ -125,7 +123,7 @@ save_state_dict(m.state_dict(), sys.argv[1] + "/final.safetensors")
 def test_sigkilled_training_process_resumes_to_identical_weights(tmp_path):
     """A real SIGKILL (no cleanup runs) at several points; each rerun continues, same result."""
     script = tmp_path / "train.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent)))
+    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), root=str(Path(__file__).parents[2])))
     steps = 40
     ref_model = tiny()  # the uninterrupted reference, in-process (same seed, one thread)
     finetune(ref_model, tiny_tokenizer(tmp_path / "run" / "tok"), TEXTS, LABELS,

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 import yaml
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 from mergeflow import coefficients as lc
 from mergeflow import methods
@@ -30,6 +30,7 @@ from mergeflow.safety import (
     triggered_test,
 )
 from mergeflow.tensors import MergeError
+from tests.helpers import tiny_bert
 
 TEXTS = [f"review number {i} says the film was {'good' if i % 2 else 'bad'}" for i in range(40)]
 LABELS = [i % 2 for i in range(40)]
@@ -224,17 +225,7 @@ def test_prune_suspect_closed_form():
 
 
 def tiny(num_labels: int, seed: int) -> BertForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=num_labels,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return tiny_bert(num_labels, seed).eval()
 
 
 @pytest.fixture(scope="module")
