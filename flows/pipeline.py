@@ -181,8 +181,8 @@ def run_command(
 
 # glibc malloc: keep freed activation buffers (tens of MB each) in the heap instead of returning
 # them to the kernel after every forward pass; each fresh mmap costs a page fault per 4 KiB.
-# Measured on the 2-core CI machine (MiniLM forward, 64×64 tokens): sys time 3.3 s → 0.9 s per
-# 11 batches, 2-15 % less wall time. Set in the environment to override.
+# Measured on the 2-core CI machine (MiniLM forward, 64×64 tokens, 2 threads): sys time 3.0–3.5 s →
+# 0.9–1.0 s per 11 batches, 1005–1039 ms vs 1025–1269 ms per batch. Set in the environment to override.
 MALLOC_TUNING = {
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(4 << 30),

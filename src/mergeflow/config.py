@@ -186,7 +186,7 @@ class CoefficientsCfg(_Section):
 
     grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
     learned: dict[str, LearnedCfg] = Field(default_factory=dict)
-    run_learned: bool = True  # false: keep the runs configured but skip them (ci profile)
+    run_learned: bool = False  # true: run the configured learned runs (off: configured, skipped)
     concrete_scaling: Annotated[float, Field(ge=0)] = 0.3
 
     @field_validator("grid")

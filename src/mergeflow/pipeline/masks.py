@@ -2,8 +2,8 @@
 
 TALL masks (Wang et al., "Localizing Task Information for Improved Model Merging and Compression",
 ICML 2024): m_t = 1[|τ_t| ≥ λ_t·|τ_MTL − τ_t|] with τ_MTL = Σ_t τ_t, so that
-θ_t ≈ θ_0 + m_t ⊙ τ_MTL. λ_t is picked from ``masks.lambdas`` by the task's validation accuracy
-of that reconstruction. The consensus mask keeps weights that at least k tasks' masks keep.
+θ_t ≈ θ_0 + m_t ⊙ τ_MTL. λ_t is picked from ``masks.lambdas`` by a validation score of that
+reconstruction. The consensus mask keeps weights that at least k tasks' masks keep.
 
 λ_t selection (``masks.select``): the paper picks the λ with the best validation accuracy. The
 default here is ``agreement``: the share of validation inputs on which the reconstruction predicts
