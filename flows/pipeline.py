@@ -179,21 +179,8 @@ def run_command(
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-# glibc malloc: keep freed activation buffers (tens of MB each) in the heap instead of returning
-# them to the kernel after every forward pass; each fresh mmap costs a page fault per 4 KiB.
-# Measured on the 2-core CI machine (MiniLM forward, 64×64 tokens, 2 threads): sys time 3.0–3.5 s →
-# 0.9–1.0 s per 11 batches, 1005–1039 ms vs 1025–1269 ms per batch. Set in the environment to override.
-MALLOC_TUNING = {
-    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
-    "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
-    "MALLOC_TOP_PAD_": str(256 << 20),
-}
-
-
 def _stage_env(item: StageItem, lineage_env: dict[str, str], threads: int | None) -> dict:
     env = _env(lineage_env)
-    for key, value in MALLOC_TUNING.items():
-        env.setdefault(key, value)
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
         env.setdefault("MKL_NUM_THREADS", str(threads))

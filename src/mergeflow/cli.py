@@ -13,10 +13,17 @@ from rich.console import Console
 from rich.table import Table
 
 from mergeflow.engine.cli import merge_command
+from mergeflow.runtime import tune_malloc
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 app.command("merge")(merge_command)
+
+
+@app.callback()
+def _process_setup() -> None:
+    """Process-wide setup before any command (see :func:`mergeflow.runtime.tune_malloc`)."""
+    tune_malloc()
 
 
 def _fail(err: Exception) -> None:

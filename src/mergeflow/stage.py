@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mergeflow.config import ConfigError, load_params
+from mergeflow.runtime import tune_malloc
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -37,6 +38,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(run: Callable, paths_cls: type, argv: list[str] | None = None) -> None:
     """Parse ``--params`` and one ``--<field>`` per field of ``paths_cls``, then call ``run``."""
+    tune_malloc()
     ap = argparse.ArgumentParser(description=(run.__module__ or "").rsplit(".", 1)[-1])
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     for f in dataclasses.fields(paths_cls):
