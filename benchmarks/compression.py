@@ -130,7 +130,7 @@ def main() -> None:
         add("experts", "one model per task", experts_total, {t: expert_acc[t] for t in tasks})
         # TALL: λ_t per task on validation, as the masks stage does
         mtl = tensors.sum_all(list(tvs.values()))
-        chosen = lambda_grid(ctx, tvs, val, cfg.masks.lambdas).choose(cfg.masks.select)
+        chosen = lambda_grid(ctx, tvs, val, cfg.masks.lambdas, mtl).choose(cfg.masks.select)
         packed, meta = pack_masks(tall_masks_from_vectors(tvs, chosen, mtl=mtl))
         save_state_dict(packed, tmp / f"masks{n}.safetensors", metadata=meta)
         for form, k in (("tall", None), ("tall_consensus", cfg.masks.consensus_k)):

@@ -73,6 +73,7 @@ def lambda_grid(
     task_vectors: dict[str, dict[str, torch.Tensor]],
     val: dict,
     lambdas: tuple[float, ...],
+    mtl: dict[str, torch.Tensor],
 ) -> LambdaGrid:
     """Score the TALL reconstruction of every task in ``task_vectors`` for each candidate λ.
 
@@ -81,11 +82,11 @@ def lambda_grid(
         task_vectors: τ_t of the tasks to mask (τ_MTL is their sum).
         val: Tokenized validation batches per task.
         lambdas: Candidate λ values.
+        mtl: τ_MTL, the sum of ``task_vectors``.
 
     Returns:
         Validation accuracy and agreement with the expert's own predictions, per task and λ.
     """
-    mtl = tensors.sum_all(list(task_vectors.values()))
     ref = {
         t: ctx.predictions(tensors.apply(ctx.base, tv, 1.0), val[t], t)[0]
         for t, tv in task_vectors.items()
@@ -106,7 +107,7 @@ def run(cfg: Params, paths: Paths) -> dict:
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     val = ctx.batches(paths.data, "val")
     mtl = tensors.sum_all(list(ctx.task_vectors.values()))
-    grid = lambda_grid(ctx, ctx.task_vectors, val, cfg.masks.lambdas)
+    grid = lambda_grid(ctx, ctx.task_vectors, val, cfg.masks.lambdas, mtl)
     chosen = grid.choose(cfg.masks.select)
     masks = tall_masks_from_vectors(ctx.task_vectors, chosen, mtl=mtl)
     cons = consensus_mask(masks, k=cfg.masks.consensus_k)
