@@ -1,7 +1,6 @@
 """DVC stage entry point: `python stages/finetune.py --help` lists its paths (set in dvc.yaml)."""
 
-from mergeflow.pipeline.finetune import Paths, run
 from mergeflow.stage import main
 
 if __name__ == "__main__":
-    main(run, Paths)
+    main("mergeflow.pipeline.finetune")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
+from mergeflow import tracking
 from mergeflow.config import ConfigError, load_params
 from mergeflow.runtime import tune_malloc
 
@@ -26,6 +27,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         ConfigError,
+        tracking.TrackingError,
+        tracking.TrackingUnavailableError,
         DataError,
         CheckpointError,
         ModelError,
@@ -36,21 +39,28 @@ def user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def main(run: Callable, paths_cls: type, argv: list[str] | None = None) -> None:
-    """Parse ``--params`` and one ``--<field>`` per field of ``paths_cls``, then call ``run``."""
+def main(module: str, argv: list[str] | None = None) -> None:
+    """Run stage ``module`` (its ``run(cfg, paths)`` and ``Paths``) from the command line.
+
+    Parses ``--params`` and one ``--<field>`` per field of ``Paths``. The MLflow tracking sidecar
+    starts before ``module`` (and torch with it) is imported, so both load side by side.
+    """
     tune_malloc()
-    ap = argparse.ArgumentParser(description=(run.__module__ or "").rsplit(".", 1)[-1])
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    for f in dataclasses.fields(paths_cls):
-        ap.add_argument(f"--{f.name.replace('_', '-')}", required=True, dest=f.name)
-    args = vars(ap.parse_args(argv))
-    try:
-        cfg = load_params(args.pop("params"))
-        kinds = {f.name: f.type for f in dataclasses.fields(paths_cls)}
-        paths = paths_cls(
-            **{k: (Path(v) if kinds[k] in (Path, "Path") else v) for k, v in args.items()}
-        )
-        run(cfg, paths)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    with tracking.sidecar():
+        mod = importlib.import_module(module)
+        run, paths_cls = mod.run, mod.Paths
+        ap = argparse.ArgumentParser(description=module.rsplit(".", 1)[-1])
+        ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        for f in dataclasses.fields(paths_cls):
+            ap.add_argument(f"--{f.name.replace('_', '-')}", required=True, dest=f.name)
+        args = vars(ap.parse_args(argv))
+        try:
+            cfg = load_params(args.pop("params"))
+            kinds = {f.name: f.type for f in dataclasses.fields(paths_cls)}
+            paths = paths_cls(
+                **{k: (Path(v) if kinds[k] in (Path, "Path") else v) for k, v in args.items()}
+            )
+            run(cfg, paths)
+        except user_errors() as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)

@@ -15,9 +15,11 @@ stage item's run is nested under it. An unreachable tracking server is an explic
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -114,34 +116,61 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-class StageRun:
-    """Handle for logging into the active stage run."""
+class _Recorder:
+    """Opens and fills stage runs through the MLflow client.
 
-    def __init__(self, mlflow_module, run):
+    It lives in the stage's tracking sidecar (:func:`sidecar`) or, when there is none (library
+    use, tests), in the calling process. Every method takes and returns plain JSON data.
+    """
+
+    def __init__(self, mlflow_module=None):
         self._mlflow = mlflow_module
-        self.run = run
+        self.run = None
 
     @property
+    def mlflow(self):
+        if self._mlflow is None:
+            self._mlflow = _mlflow()
+        return self._mlflow
+
+    def start(self, stage: str, params: dict, inputs: dict, tags: dict) -> None:
+        mlflow = self.mlflow
+        all_tags = {
+            "mergeflow.stage": stage,
+            "mlflow.source.git.commit": git_commit(),
+            **{f"input.{k}.md5": tree_md5(p) for k, p in inputs.items()},
+            **tags,
+        }
+        parent = os.environ.get("MERGEFLOW_PARENT_RUN_ID")
+        if parent:
+            all_tags["mlflow.parentRunId"] = parent
+        flow = os.environ.get("PREFECT__FLOW_RUN_ID") or os.environ.get("MERGEFLOW_FLOW_RUN_ID")
+        if flow:
+            all_tags["prefect.flow_run_id"] = flow
+        if os.environ.get("MERGEFLOW_FLOW_RUN_URL"):
+            all_tags["prefect.flow_run_url"] = os.environ["MERGEFLOW_FLOW_RUN_URL"]
+        self.run = mlflow.start_run(run_name=stage, tags=all_tags)
+        try:
+            items = list(params.items())
+            for i in range(0, len(items), 100):
+                mlflow.log_params(dict(items[i : i + 100]))
+        except Exception:
+            self.end("FAILED")
+            raise
+
     def run_id(self) -> str:
-        """The MLflow run id."""
-        return self.run.info.run_id
+        return self.run.info.run_id if self.run is not None else ""
 
-    def metrics(self, values: Mapping[str, Any], step: int | None = None) -> None:
-        """Log numeric metrics (nested mappings are flattened)."""
-        flat = {k: float(v) for k, v in flatten(values).items() if isinstance(v, int | float)}
-        if flat:
-            self._mlflow.log_metrics(flat, step=step)
+    def metrics(self, values: dict, step: int | None = None) -> None:
+        self.mlflow.log_metrics(values, step=step)
 
-    def outputs(self, paths: Mapping[str, str | Path]) -> None:
-        """Record the md5 of each output artifact as a tag ``output.<name>.md5``."""
-        self._mlflow.set_tags({f"output.{k}.md5": tree_md5(p) for k, p in paths.items()})
+    def outputs(self, paths: dict) -> None:
+        self.mlflow.set_tags({f"output.{k}.md5": tree_md5(p) for k, p in paths.items()})
 
-    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a (small) file to the run's artifacts."""
-        self._mlflow.log_artifact(str(path), artifact_path)
+    def artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self.mlflow.log_artifact(path, artifact_path)
 
     def dataset(self, name: str, digest: str, source: str, context: str) -> None:
-        """Log a dataset input (name, content digest, where it came from, which split)."""
         import warnings
 
         from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -149,9 +178,181 @@ class StageRun:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            src = resolve_dataset_source(str(Path(source).resolve()))
+            src = resolve_dataset_source(source)
         ds = MetaDataset(source=src, name=name, digest=digest[:36])
-        self._mlflow.log_input(ds, context=context)
+        self.mlflow.log_input(ds, context=context)
+
+    def end(self, status: str) -> None:
+        if self.run is not None:
+            self.run = None
+            self.mlflow.end_run(status)
+
+
+class TrackingError(RuntimeError):
+    """Logging a stage's lineage into MLflow failed (the stage's outputs are already written)."""
+
+
+class _InProcess:
+    """Sends a stage run's calls straight to a :class:`_Recorder` in this process."""
+
+    def __init__(self) -> None:
+        self._rec = _Recorder()
+
+    def send(self, op: str, **kw) -> None:
+        getattr(self._rec, op)(**kw)
+
+    def ask(self, op: str, **kw):
+        return getattr(self._rec, op)(**kw)
+
+
+class _Sidecar:
+    """The stage's tracking process: ``python -m mergeflow.tracking`` fed JSON lines on stdin.
+
+    Importing MLflow and opening its store take ~6-9 s per process on this project's 2-core
+    reference machine. The stage entry point starts the sidecar before importing torch, so that
+    cost runs on the otherwise idle second core while the stage imports its own libraries, and
+    logging calls never wait for the store. Errors surface at the end of the run (or at
+    ``run_id``) as :class:`TrackingError`; a stage that dies leaves its run marked FAILED.
+    """
+
+    def __init__(self) -> None:
+        self.started = False
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mergeflow.tracking", "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+    def _dead(self) -> TrackingError:
+        code = self.proc.wait()
+        return TrackingError(
+            f"the MLflow tracking process exited with status {code} (its error is above); "
+            f"tracking URI {tracking_uri()}. Fix the store or set MERGEFLOW_TRACKING=off."
+        )
+
+    def send(self, op: str, **kw) -> None:
+        self.started = self.started or op == "start"
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise self._dead() from None
+
+    def ask(self, op: str, **kw):
+        self.send(op, **kw)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise self._dead()
+        reply = json.loads(line)
+        if "error" in reply:
+            raise TrackingError(f"MLflow logging failed ({tracking_uri()}): {reply['error']}")
+        return reply["value"]
+
+    def close(self) -> None:
+        """Let a sidecar that logged runs finish; one that never started a run is stopped."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60 if self.started else 0.1)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_SIDECAR: _Sidecar | None = None
+
+
+@contextlib.contextmanager
+def sidecar() -> Iterator[None]:
+    """Run this process's :func:`stage_run` s through a tracking sidecar started now.
+
+    Start it first thing in a stage process (``mergeflow.stage.main`` does), before heavy imports.
+    Does nothing when lineage is off.
+    """
+    global _SIDECAR
+    if not tracking_enabled() or _SIDECAR is not None:
+        yield
+        return
+    _SIDECAR = _Sidecar()
+    try:
+        yield
+    finally:
+        side, _SIDECAR = _SIDECAR, None
+        side.close()
+
+
+def _serve() -> None:
+    """The sidecar's loop: one JSON call per line; replies (``run_id``, ``end``) on stdout.
+
+    The first failing call's error is kept, later calls of that run are skipped, and the error is
+    the reply to ``end``. End of input with a run still open (the stage died) ends it FAILED.
+    """
+    import sys
+
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # MLflow's own prints must not hit replies
+    rec, error = _Recorder(), None
+    try:  # import MLflow and its store while the stage imports its libraries (no store opened yet)
+        import mlflow  # noqa: F401
+
+        if tracking_uri().startswith("sqlite:"):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - reported to the stage at its first reply
+        error = f"{type(err).__name__}: {err}"
+    for line in sys.stdin:
+        msg = json.loads(line)
+        op = msg.pop("op")
+        if op not in ("run_id", "end"):
+            if error is None:
+                try:
+                    getattr(rec, op)(**msg)
+                except Exception as err:  # noqa: BLE001 - reported at the run's end
+                    error = f"{op}: {type(err).__name__}: {err}"
+            continue
+        value = None
+        if error is None:
+            try:
+                value = getattr(rec, op)(**msg)
+            except Exception as err:  # noqa: BLE001
+                error = f"{op}: {type(err).__name__}: {err}"
+        out.write(json.dumps({"error": error} if error else {"value": value}) + "\n")
+        if op == "end":
+            error = None
+    if rec.run is not None:
+        rec.end("FAILED")
+
+
+class StageRun:
+    """Handle for logging into the active stage run."""
+
+    def __init__(self, sink):
+        self._sink = sink
+
+    @property
+    def run_id(self) -> str:
+        """The MLflow run id."""
+        return self._sink.ask("run_id")
+
+    def metrics(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Log numeric metrics (nested mappings are flattened)."""
+        flat = {k: float(v) for k, v in flatten(values).items() if isinstance(v, int | float)}
+        if flat:
+            self._sink.send("metrics", values=flat, step=step)
+
+    def outputs(self, paths: Mapping[str, str | Path]) -> None:
+        """Record the md5 of each output artifact as a tag ``output.<name>.md5``."""
+        self._sink.send("outputs", paths={k: str(Path(p).resolve()) for k, p in paths.items()})
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload a (small) file to the run's artifacts."""
+        self._sink.send("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+
+    def dataset(self, name: str, digest: str, source: str, context: str) -> None:
+        """Log a dataset input (name, content digest, where it came from, which split)."""
+        src = str(Path(source).resolve())
+        self._sink.send("dataset", name=name, digest=digest, source=src, context=context)
 
 
 class _NoRun:
@@ -182,7 +383,8 @@ def stage_run(
     """Open an MLflow run for one stage item.
 
     Logs the stage's params (flattened), the md5 of every input artifact (``input.<name>.md5``),
-    the git commit, the DVC stage name and, when Prefect runs the stage, its flow-run id.
+    the git commit, the DVC stage name and, when Prefect runs the stage, its flow-run id. Inside a
+    :func:`sidecar` the calls go to the sidecar process; otherwise to MLflow in this process.
 
     Args:
         stage: DVC stage item name, e.g. ``finetune@rotten_tomatoes``.
@@ -192,32 +394,30 @@ def stage_run(
 
     Yields:
         A :class:`StageRun` to log metrics and outputs into.
+
+    Raises:
+        TrackingUnavailableError: an HTTP tracking server does not answer (checked first).
+        TrackingError: logging failed; raised when the run ends, after the stage's work.
     """
     if not tracking_enabled():
         yield _NoRun()
         return
     check_server(timeout_s=10)
-    mlflow = _mlflow()
-    all_tags = {
-        "mergeflow.stage": stage,
-        "mlflow.source.git.commit": git_commit(),
-        **{f"input.{k}.md5": tree_md5(p) for k, p in (inputs or {}).items()},
-        **(tags or {}),
-    }
-    parent = os.environ.get("MERGEFLOW_PARENT_RUN_ID")
-    if parent:
-        all_tags["mlflow.parentRunId"] = parent
-    flow_run = os.environ.get("PREFECT__FLOW_RUN_ID") or os.environ.get("MERGEFLOW_FLOW_RUN_ID")
-    if flow_run:
-        all_tags["prefect.flow_run_id"] = flow_run
-    if os.environ.get("MERGEFLOW_FLOW_RUN_URL"):
-        all_tags["prefect.flow_run_url"] = os.environ["MERGEFLOW_FLOW_RUN_URL"]
-    with mlflow.start_run(run_name=stage, tags=all_tags) as run:
-        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
-        items = list(flat.items())
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i : i + 100]))
-        yield StageRun(mlflow, run)
+    sink = _SIDECAR if _SIDECAR is not None else _InProcess()
+    sink.send(
+        "start",
+        stage=stage,
+        params={k: str(v)[:6000] for k, v in flatten(params).items()},
+        inputs={k: str(Path(p).resolve()) for k, p in (inputs or {}).items()},
+        tags=dict(tags or {}),
+    )
+    try:
+        yield StageRun(sink)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            sink.ask("end", status="FAILED")
+        raise
+    sink.ask("end", status="FINISHED")
 
 
 def _lock_stages(lock_path: Path) -> dict[str, dict]:
@@ -460,3 +660,7 @@ def run_history(
     )
     out["aliases"] = {k: int(v) for k, v in out["aliases"].items()}
     return out
+
+
+if __name__ == "__main__":  # the stage's tracking sidecar (see _Sidecar)
+    _serve()

@@ -46,3 +46,114 @@ def test_stage_run_logs_each_dataset_context(tmp_path, monkeypatch):
     got = {r[0] for r in con.execute("select value from input_tags")}
     assert {"run1 (labels used): val n=3", "run2 (labels NOT used): test n=3"} <= got
     assert os.environ.get("MLFLOW_TRACKING_URI") is None
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """An empty workspace as cwd, lineage on, the default (./mlflow.db) store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MERGEFLOW_TRACKING", raising=False)
+    monkeypatch.delenv("MERGEFLOW_PARENT_RUN_ID", raising=False)
+    (tmp_path / "in.txt").write_text("x")
+    (tmp_path / "out.txt").write_text("y")
+    return tmp_path
+
+
+def _client(root):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_sidecar_logs_everything_a_stage_run_logs(workspace):
+    """Stage processes log through a sidecar process: same run contents as in-process logging."""
+    import hashlib
+
+    with tracking.sidecar():
+        assert tracking._SIDECAR is not None
+        with tracking.stage_run(
+            "probe@t", {"a": {"b": 1}}, inputs={"x": workspace / "in.txt"}, tags={"task": "t"}
+        ) as tr:
+            tr.metrics({"loss": 0.5}, step=0)
+            tr.metrics({"loss": 0.25, "nested": {"acc": 1}}, step=1)
+            tr.outputs({"o": workspace / "out.txt"})
+            tr.dataset("t/val", "c" * 64, str(workspace), "val n=3")
+            tr.artifact(workspace / "out.txt")
+            run_id = tr.run_id
+        proc = tracking._SIDECAR.proc
+    assert tracking._SIDECAR is None and proc.returncode == 0
+    client = _client(workspace)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"a.b": "1"}
+    tags = run.data.tags
+    assert tags["mergeflow.stage"] == "probe@t" and tags["task"] == "t"
+    assert tags["input.x.md5"] == hashlib.md5(b"x").hexdigest()
+    assert tags["output.o.md5"] == hashlib.md5(b"y").hexdigest()
+    assert "mlflow.source.git.commit" in tags
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
+        (0, 0.5),
+        (1, 0.25),
+    ]
+    assert run.data.metrics["nested.acc"] == 1.0
+    assert [f.path for f in client.list_artifacts(run_id)] == ["out.txt"]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["t/val"]
+
+
+def test_sidecar_run_fails_with_the_stage(workspace):
+    with tracking.sidecar(), pytest.raises(KeyError):
+        with tracking.stage_run("probe", {"a": 1}) as tr:
+            run_id = tr.run_id
+            raise KeyError("stage broke")
+    assert _client(workspace).get_run(run_id).info.status == "FAILED"
+
+
+def test_sidecar_logging_error_is_raised_at_the_end_of_the_run(workspace):
+    """A call that fails in the sidecar is reported (naming the call) when the run ends."""
+    with tracking.sidecar():
+        with pytest.raises(tracking.TrackingError, match="artifact"):
+            with tracking.stage_run("probe", {"a": 1}) as tr:
+                tr.artifact(workspace / "missing.txt")
+                tr.metrics({"after": 1.0})  # skipped: the run already failed to log
+
+
+def test_a_killed_stage_leaves_its_run_failed(workspace):
+    """The sidecar sees its stage process die (end of input) and ends the open run FAILED."""
+    script = (
+        "import os\nfrom mergeflow import tracking\n"
+        "with tracking.sidecar():\n"
+        "    with tracking.stage_run('probe', {'a': 1}) as tr:\n"
+        "        print(tr.run_id, flush=True)\n"
+        "        os._exit(3)\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert child.returncode == 3, child.stderr
+    run_id = child.stdout.strip()
+    client = _client(workspace)
+    for _ in range(200):  # the sidecar outlives the stage by the time it takes to end the run
+        status = client.get_run(run_id).info.status
+        if status != "RUNNING":
+            break
+        import time
+
+        time.sleep(0.1)
+    assert status == "FAILED"
+
+
+def test_sidecar_is_not_started_when_lineage_is_off(workspace, monkeypatch):
+    monkeypatch.setenv("MERGEFLOW_TRACKING", "off")
+    with tracking.sidecar():
+        assert tracking._SIDECAR is None
+        with tracking.stage_run("probe", {"a": 1}) as tr:
+            assert tr.run_id == ""
+    assert not (workspace / "mlflow.db").exists()
+
+
+def test_data_stage_and_tracking_import_without_torch():
+    """The data stage and the tracking sidecar do not pay for importing torch."""
+    code = (
+        "import sys\nimport mergeflow.pipeline.prepare, mergeflow.tracking, mergeflow.stage\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

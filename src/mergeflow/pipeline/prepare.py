@@ -7,7 +7,6 @@ from pathlib import Path
 
 from mergeflow import data
 from mergeflow.config import Params, PoisonCfg
-from mergeflow.safety.poison import PoisonSpec, poison_split
 from mergeflow.tracking import stage_run
 
 
@@ -21,6 +20,8 @@ class Paths:
 
 def poison_train(splits: dict, poison: PoisonCfg, n_classes: int) -> dict:
     """Poison ``splits["train"]`` in place (val and test stay clean); return what was done."""
+    from mergeflow.safety.poison import PoisonSpec, poison_split  # the safety package needs torch
+
     spec = PoisonSpec(**poison.model_dump(exclude={"task"}))
     rows = splits["train"]
     texts, labels, idx = poison_split(
