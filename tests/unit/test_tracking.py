@@ -157,3 +157,38 @@ def test_data_stage_and_tracking_import_without_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stage_processes_log_through_the_flow_service(workspace):
+    """Under a flow, stage processes log via the flow process's service: no MLflow import of their
+    own, side by side, nested under the flow's run; a stage that dies leaves its run FAILED."""
+    stage = (
+        "import os, sys\nfrom mergeflow import tracking\n"
+        "with tracking.sidecar():\n"
+        "    assert isinstance(tracking._SIDECAR, tracking._SocketSink)\n"
+        "    with tracking.stage_run('s@' + sys.argv[1], {'p': 1}) as tr:\n"
+        "        tr.metrics({'m': 2.0})\n"
+        "        print(tr.run_id, flush=True)\n"
+        "        if sys.argv[1] == 'die':\n"
+        "            os._exit(3)\n"
+        "assert 'mlflow' not in sys.modules\n"
+    )
+    with tracking.flow_run("flow test", workspace) as parent:
+        env = {**os.environ, **parent.env()}
+        assert os.path.exists(env[tracking.SOCKET_ENV])
+        procs = {
+            name: subprocess.Popen(
+                [sys.executable, "-c", stage, name], env=env, stdout=subprocess.PIPE, text=True
+            )
+            for name in ("a", "b", "die")
+        }
+        out = {name: p.communicate()[0].strip() for name, p in procs.items()}
+        assert {name: p.returncode for name, p in procs.items()} == {"a": 0, "b": 0, "die": 3}
+    assert not os.path.exists(parent.socket)  # the service stops with the flow run
+    client = _client(workspace)
+    for name, run_id in out.items():
+        run = client.get_run(run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+        assert run.data.tags["mergeflow.stage"] == f"s@{name}"
+        assert run.data.metrics["m"] == 2.0
+        assert run.info.status == ("FAILED" if name == "die" else "FINISHED")
