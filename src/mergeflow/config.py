@@ -64,7 +64,7 @@ class FinetuneCfg(_Section):
     """Expert fine-tuning: full or LoRA, with a linear-probe head first (LP-FT)."""
 
     mode: Literal["full", "lora"] = "full"
-    steps: PositiveInt = 40
+    steps: PositiveInt = 30
     batch_size: PositiveInt = 16
     lr: Annotated[float, Field(gt=0, lt=1)] = 1e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
