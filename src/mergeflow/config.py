@@ -48,7 +48,7 @@ class DataCfg(_Section):
 
     n_train: PositiveInt = 512
     n_val: PositiveInt = 64
-    n_test: PositiveInt = 150
+    n_test: PositiveInt = 200
 
 
 class LoraCfg(_Section):
@@ -64,7 +64,7 @@ class FinetuneCfg(_Section):
     """Expert fine-tuning: full or LoRA, with a linear-probe head first (LP-FT)."""
 
     mode: Literal["full", "lora"] = "full"
-    steps: PositiveInt = 30
+    steps: PositiveInt = 60
     batch_size: PositiveInt = 16
     lr: Annotated[float, Field(gt=0, lt=1)] = 1e-4
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
