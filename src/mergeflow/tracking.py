@@ -320,8 +320,13 @@ def sidecar() -> Iterator[None]:
         side.close()
 
 
+# calls the stage waits for: they read files as they are now (an artifact may live in a temp dir
+# that is renamed right after), or return a value / the run's error
+_ANSWERED = ("run_id", "end", "artifact", "outputs")
+
+
 def _serve_stream(lines, write, rec: _Recorder) -> None:
-    """Serve one stage's calls: one JSON call per line; replies (``run_id``, ``end``) via ``write``.
+    """Serve one stage's calls: one JSON call per line; replies (:data:`_ANSWERED`) via ``write``.
 
     The first failing call's error is kept, later calls of that run are skipped, and the error is
     the reply to ``end``. End of input with a run still open (the stage died) ends it FAILED.
@@ -330,7 +335,7 @@ def _serve_stream(lines, write, rec: _Recorder) -> None:
     for line in lines:
         msg = json.loads(line)
         op = msg.pop("op")
-        if op not in ("run_id", "end"):
+        if op not in _ANSWERED:
             if error is None:
                 try:
                     getattr(rec, op)(**msg)
@@ -440,12 +445,12 @@ class StageRun:
             self._sink.send("metrics", values=flat, step=step)
 
     def outputs(self, paths: Mapping[str, str | Path]) -> None:
-        """Record the md5 of each output artifact as a tag ``output.<name>.md5``."""
-        self._sink.send("outputs", paths={k: str(Path(p).resolve()) for k, p in paths.items()})
+        """Record the md5 of each output artifact as a tag ``output.<name>.md5`` (hashed now)."""
+        self._sink.ask("outputs", paths={k: str(Path(p).resolve()) for k, p in paths.items()})
 
     def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """Upload a (small) file to the run's artifacts."""
-        self._sink.send("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
+        """Upload a (small) file to the run's artifacts (copied before this returns)."""
+        self._sink.ask("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def dataset(self, name: str, digest: str, source: str, context: str) -> None:
         """Log a dataset input (name, content digest, where it came from, which split)."""

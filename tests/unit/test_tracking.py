@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
@@ -99,6 +100,32 @@ def test_sidecar_logs_everything_a_stage_run_logs(workspace):
     assert run.data.metrics["nested.acc"] == 1.0
     assert [f.path for f in client.list_artifacts(run_id)] == ["out.txt"]
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["t/val"]
+
+
+@pytest.mark.parametrize("via", ["sidecar", "flow"])
+def test_artifact_and_outputs_are_read_before_the_call_returns(workspace, monkeypatch, via):
+    """A stage logs an artifact from its temp dir and renames the dir right after: the service
+    must have copied (and hashed) it by then (seen as a failed DAM run in the e2e suite)."""
+    tmp = workspace / "out.tmp"
+    tmp.mkdir()
+    (tmp / "w.bin").write_bytes(b"weights")
+    before = tracking.tree_md5(tmp)
+    flow = tracking.flow_run("f", workspace) if via == "flow" else contextlib.nullcontext()
+    with flow as parent:
+        if parent is not None:
+            monkeypatch.setenv(tracking.SOCKET_ENV, parent.socket)
+        with tracking.sidecar(), tracking.stage_run("probe", {"a": 1}) as tr:
+            assert isinstance(
+                tracking._SIDECAR, tracking._SocketSink if via == "flow" else tracking._Sidecar
+            )
+            tr.artifact(tmp / "w.bin", "coef")
+            tr.outputs({"o": tmp})
+            (tmp / "w.bin").write_bytes(b"changed")
+            tmp.rename(workspace / "out")
+            run_id = tr.run_id
+    client = _client(workspace)
+    assert [f.path for f in client.list_artifacts(run_id, "coef")] == ["coef/w.bin"]
+    assert client.get_run(run_id).data.tags["output.o.md5"] == before
 
 
 def test_sidecar_run_fails_with_the_stage(workspace):
