@@ -237,8 +237,9 @@ class _Sidecar(_StreamSink):
     Importing MLflow and opening its store take ~6-9 s of one core per process on this project's
     2-core reference machine. The stage entry point starts the sidecar before importing torch, so
     that cost runs on the otherwise idle second core while the stage imports its own libraries,
-    and logging calls never wait for the store. Errors surface at the end of the run (or at
-    ``run_id``) as :class:`TrackingError`; a stage that dies leaves its run marked FAILED.
+    and metrics never wait for the store (artifacts and output hashes do: see :data:`_ANSWERED`).
+    Errors surface at the end of the run (or at ``run_id``) as :class:`TrackingError`; a stage
+    that dies leaves its run marked FAILED.
     """
 
     def __init__(self) -> None:
