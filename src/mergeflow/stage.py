@@ -7,6 +7,7 @@ to fix and exit status 2; outputs are written atomically by the stages, so nothi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import sys
@@ -42,11 +43,17 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(module: str, argv: list[str] | None = None) -> None:
     """Run stage ``module`` (its ``run(cfg, paths)`` and ``Paths``) from the command line.
 
-    Parses ``--params`` and one ``--<field>`` per field of ``Paths``. The MLflow tracking sidecar
-    starts before ``module`` (and torch with it) is imported, so both load side by side.
+    Parses ``--params`` and one ``--<field>`` per field of ``Paths``. The connection to the MLflow
+    tracking service (the flow's, the shared agent, or a sidecar) is made before ``module`` (and
+    torch with it) is imported, so a sidecar's MLflow import and the stage's load side by side.
     """
     tune_malloc()
-    with tracking.sidecar():
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(tracking.sidecar())
+        except tracking.TrackingError as err:  # e.g. a bad MERGEFLOW_TRACKING_AGENT_IDLE
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         mod = importlib.import_module(module)
         run, paths_cls = mod.run, mod.Paths
         ap = argparse.ArgumentParser(description=module.rsplit(".", 1)[-1])

@@ -313,7 +313,7 @@ def sidecar() -> Iterator[None]:
     if os.environ.get(SOCKET_ENV):
         with contextlib.suppress(OSError):
             side = _SocketSink(os.environ[SOCKET_ENV])
-    _SIDECAR = side or _Sidecar()
+    _SIDECAR = side or _agent_sink() or _Sidecar()
     try:
         yield
     finally:
@@ -356,6 +356,52 @@ def _serve_stream(lines, write, rec: _Recorder) -> None:
         rec.end("FAILED")
 
 
+def _server(path: str, recorder, on_open=None, on_close=None):
+    """A threading Unix-socket server at ``path``: one thread and one :class:`_Recorder` each.
+
+    Args:
+        path: Socket path (bound now).
+        recorder: Makes the :class:`_Recorder` of a new connection.
+        on_open: Called when a connection starts being served.
+        on_close: Called when it has been served (its run ended).
+    """
+    import socketserver
+    import threading
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            def write(text: str) -> None:
+                self.wfile.write(text.encode())
+                self.wfile.flush()
+
+            if on_open:
+                on_open()
+            try:
+                lines = (raw.decode() for raw in self.rfile)
+                _serve_stream(lines, write, recorder())
+            finally:
+                if on_close:
+                    on_close()
+
+    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+        block_on_close = False  # joined by the owner with a deadline: an orphan must not hang it
+        request_queue_size = 64
+
+        def __init__(self, *a) -> None:
+            self.handlers: list[threading.Thread] = []
+            super().__init__(*a)
+
+        def process_request(self, request, client_address) -> None:
+            t = threading.Thread(
+                target=self.process_request_thread, args=(request, client_address), daemon=True
+            )
+            self.handlers.append(t)
+            t.start()
+
+    return Server(path, Handler)
+
+
 @contextlib.contextmanager
 def serve(mlflow_module, close_timeout_s: float = 30.0) -> Iterator[str]:
     """A tracking service in this process (a flow's): stage processes log through its socket.
@@ -371,35 +417,13 @@ def serve(mlflow_module, close_timeout_s: float = 30.0) -> Iterator[str]:
         The Unix socket path (export it as ``MERGEFLOW_TRACKING_SOCKET``).
     """
     import shutil
-    import socketserver
     import tempfile
     import threading
     import time
 
-    class Handler(socketserver.StreamRequestHandler):
-        def handle(self) -> None:
-            def write(text: str) -> None:
-                self.wfile.write(text.encode())
-                self.wfile.flush()
-
-            lines = (raw.decode() for raw in self.rfile)
-            _serve_stream(lines, write, _Recorder(mlflow_module))
-
-    class Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-        daemon_threads = True
-        block_on_close = False  # joined below with a deadline: an orphaned stage must not hang us
-        handlers: list[threading.Thread] = []
-
-        def process_request(self, request, client_address) -> None:
-            t = threading.Thread(
-                target=self.process_request_thread, args=(request, client_address), daemon=True
-            )
-            self.handlers.append(t)
-            t.start()
-
     where = tempfile.mkdtemp(prefix="mftrk-")
     path = os.path.join(where, "s")
-    server = Server(path, Handler)
+    server = _server(path, lambda: _Recorder(mlflow_module))
     thread = threading.Thread(target=server.serve_forever, name="mergeflow-tracking", daemon=True)
     thread.start()
     try:
@@ -411,6 +435,197 @@ def serve(mlflow_module, close_timeout_s: float = 30.0) -> Iterator[str]:
         for t in server.handlers:  # let each connection end its run (FAILED if left open)
             t.join(max(0.0, deadline - time.monotonic()))
         shutil.rmtree(where, ignore_errors=True)
+
+
+# --- the tracking agent: one MLflow process shared by the stages of a bare `dvc repro` ----------
+
+AGENT_IDLE_ENV = "MERGEFLOW_TRACKING_AGENT_IDLE"
+_AGENT_IDLE_DEFAULT_S = 120.0
+# what the agent's logging depends on besides the tracking URI: MLflow/boto/proxy/CA settings and
+# mergeflow's own (the per-stage ones are read by the stage process, not the agent)
+_AGENT_ENV_PREFIXES = ("MLFLOW_", "AWS_", "MERGEFLOW_", "AZURE_", "GOOGLE_")
+_AGENT_ENV_NAMES = (
+    "HOME", "PYTHONPATH", "VIRTUAL_ENV", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy",
+    "https_proxy", "no_proxy", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+    "CURL_CA_BUNDLE",
+)
+_AGENT_ENV_PER_STAGE = (
+    SOCKET_ENV, AGENT_IDLE_ENV, "MERGEFLOW_PARENT_RUN_ID", "MERGEFLOW_FLOW_RUN_ID",
+    "MERGEFLOW_FLOW_RUN_URL",
+)
+
+
+def agent_idle_s() -> float:
+    """Seconds an idle tracking agent stays up (``MERGEFLOW_TRACKING_AGENT_IDLE``; 0 = no agent)."""
+    raw = os.environ.get(AGENT_IDLE_ENV, "")
+    try:
+        return max(0.0, float(raw)) if raw.strip() else _AGENT_IDLE_DEFAULT_S
+    except ValueError:
+        raise TrackingError(
+            f"{AGENT_IDLE_ENV}={raw!r} is not a number of seconds (0 turns the agent off)"
+        ) from None
+
+
+def agent_key() -> str:
+    """Identity of the agent this process may share: tracking URI, logging env, code, Python."""
+    import hashlib
+
+    h = hashlib.sha256()
+    here = Path(__file__).resolve()
+    for part in (tracking_uri(), sys.executable, str(here)):
+        h.update(part.encode() + b"\0")
+    for f in (here, here.parent / "io" / "hashing.py"):  # the code the agent runs
+        with contextlib.suppress(OSError):
+            h.update(f.read_bytes())
+    for k in sorted(os.environ):
+        if k in _AGENT_ENV_PER_STAGE:
+            continue
+        if k.startswith(_AGENT_ENV_PREFIXES) or k in _AGENT_ENV_NAMES:
+            h.update(f"{k}={os.environ[k]}".encode() + b"\0")
+    return h.hexdigest()[:20]
+
+
+def agent_dir() -> Path | None:
+    """This user's private directory for agent sockets (``None`` if it is not ours alone)."""
+    import tempfile
+
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir()):
+        if not base:
+            continue
+        d = Path(base) / f"mergeflow-{os.getuid()}"
+        if len(str(d)) > 70:  # Unix socket paths are limited to 107 bytes
+            continue
+        try:
+            d.mkdir(mode=0o700, exist_ok=True)
+            st = d.stat()
+        except OSError:
+            continue
+        if st.st_uid == os.getuid() and not st.st_mode & 0o077:
+            return d
+    return None
+
+
+def _agent_sink() -> _SocketSink | None:
+    """A connection to the tracking agent for this process's key, starting the agent if needed.
+
+    ``None`` when the agent is off (``MERGEFLOW_TRACKING_AGENT_IDLE=0``) or cannot be reached:
+    the caller then starts a per-stage :class:`_Sidecar`.
+    """
+    import time
+
+    idle = agent_idle_s()
+    where = agent_dir() if idle > 0 else None
+    if where is None:
+        return None
+    path = str(where / f"agent-{agent_key()}.sock")
+    with contextlib.suppress(OSError):
+        return _SocketSink(path)
+    log = open(path[: -len(".sock")] + ".log", "ab")  # noqa: SIM115 - handed to the child
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mergeflow.tracking", "--agent", path, "--idle", str(idle)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd=str(where),
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()},
+            start_new_session=True,  # outlives this stage; holds no pipe of DVC's or Prefect's
+        )
+    except OSError:
+        return None
+    finally:
+        log.close()
+    deadline = time.monotonic() + 30.0
+    try:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                return _SocketSink(path)
+            if proc.poll() not in (None, 0):
+                return None  # the agent could not start (its error is in the .log beside it)
+            time.sleep(0.02)
+        return None
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)  # the launcher forks the agent off and exits at once
+
+
+def _agent(path: str, idle_s: float) -> None:
+    """The tracking agent: serve stages on ``path`` until idle for ``idle_s`` seconds, then exit.
+
+    One agent per :func:`agent_key` (the bind happens under a lock file, so concurrent starters
+    leave exactly one). It imports MLflow once and serves every stage of a ``dvc repro`` (one
+    thread and one run per connection), instead of one MLflow import per stage (~12 s of CPU on
+    the 2-core reference machine). It leaves no half-served client: the socket is unlinked first
+    (new stages then start a new agent), then connections already queued are served.
+    """
+    import fcntl
+    import socket
+    import threading
+    import time
+
+    if os.fork() > 0:  # the launcher returns at once; the agent is re-parented
+        os._exit(0)
+    lock = open(path + ".lock", "a")  # noqa: SIM115 - held for the agent's lifetime
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+            return  # another agent serves this key
+        except OSError:
+            pass
+        finally:
+            probe.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        ready = threading.Event()
+        mod: list = [None]
+        guard = threading.Lock()
+        state = {"active": 0, "last": time.monotonic()}
+
+        def recorder() -> _Recorder:
+            ready.wait()
+            return _Recorder(mod[0])
+
+        def opened() -> None:
+            with guard:
+                state["active"] += 1
+
+        def closed() -> None:
+            with guard:
+                state["active"] -= 1
+                state["last"] = time.monotonic()
+
+        server = _server(path, recorder, opened, closed)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    thread = threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True)
+    thread.start()
+    with contextlib.suppress(Exception):  # a failure shows in each client's reply instead
+        mod[0] = _mlflow()
+    ready.set()
+    while True:
+        time.sleep(min(1.0, idle_s / 4))
+        with guard:
+            idle = state["active"] == 0 and time.monotonic() - state["last"] >= idle_s
+        if idle:
+            break
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # from now on new stages start a new agent
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    server.shutdown()
+    server.socket.setblocking(False)
+    while True:  # serve whoever connected before the unlink
+        try:
+            conn, addr = server.socket.accept()
+        except OSError:
+            break
+        conn.setblocking(True)
+        server.process_request(conn, addr)
+    for t in list(server.handlers):
+        t.join()
+    server.server_close()
 
 
 def _serve() -> None:
@@ -786,5 +1001,8 @@ def run_history(
     return out
 
 
-if __name__ == "__main__":  # the stage's tracking sidecar (see _Sidecar)
-    _serve()
+if __name__ == "__main__":  # a stage's sidecar (--serve, see _Sidecar) or the agent (see _agent)
+    if sys.argv[1:2] == ["--agent"]:
+        _agent(sys.argv[2], float(sys.argv[4]))
+    else:
+        _serve()

@@ -56,6 +56,7 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MERGEFLOW_TRACKING", raising=False)
     monkeypatch.delenv("MERGEFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "0")  # a sidecar per stage; agent tests opt in
     (tmp_path / "in.txt").write_text("x")
     (tmp_path / "out.txt").write_text("y")
     return tmp_path
@@ -102,7 +103,7 @@ def test_sidecar_logs_everything_a_stage_run_logs(workspace):
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["t/val"]
 
 
-@pytest.mark.parametrize("via", ["sidecar", "flow"])
+@pytest.mark.parametrize("via", ["sidecar", "agent", "flow"])
 def test_artifact_and_outputs_are_read_before_the_call_returns(workspace, monkeypatch, via):
     """A stage logs an artifact from its temp dir and renames the dir right after: the service
     must have copied (and hashed) it by then (seen as a failed DAM run in the e2e suite)."""
@@ -111,12 +112,14 @@ def test_artifact_and_outputs_are_read_before_the_call_returns(workspace, monkey
     (tmp / "w.bin").write_bytes(b"weights")
     before = tracking.tree_md5(tmp)
     flow = tracking.flow_run("f", workspace) if via == "flow" else contextlib.nullcontext()
+    if via == "agent":
+        monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "2")
     with flow as parent:
         if parent is not None:
             monkeypatch.setenv(tracking.SOCKET_ENV, parent.socket)
         with tracking.sidecar(), tracking.stage_run("probe", {"a": 1}) as tr:
             assert isinstance(
-                tracking._SIDECAR, tracking._SocketSink if via == "flow" else tracking._Sidecar
+                tracking._SIDECAR, tracking._Sidecar if via == "sidecar" else tracking._SocketSink
             )
             tr.artifact(tmp / "w.bin", "coef")
             tr.outputs({"o": tmp})
@@ -145,8 +148,11 @@ def test_sidecar_logging_error_is_raised_at_the_end_of_the_run(workspace):
                 tr.metrics({"after": 1.0})  # skipped: the run already failed to log
 
 
-def test_a_killed_stage_leaves_its_run_failed(workspace):
-    """The sidecar sees its stage process die (end of input) and ends the open run FAILED."""
+@pytest.mark.parametrize("agent_idle", ["0", "2"])
+def test_a_killed_stage_leaves_its_run_failed(workspace, monkeypatch, agent_idle):
+    """The sidecar (or the agent) sees its stage process die (end of input) and ends the open run
+    FAILED."""
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, agent_idle)
     script = (
         "import os\nfrom mergeflow import tracking\n"
         "with tracking.sidecar():\n"
@@ -219,3 +225,146 @@ def test_stage_processes_log_through_the_flow_service(workspace):
         assert run.data.tags["mergeflow.stage"] == f"s@{name}"
         assert run.data.metrics["m"] == 2.0
         assert run.info.status == ("FAILED" if name == "die" else "FINISHED")
+
+
+def _agents(sock: str) -> list[int]:
+    """Pids of live tracking agents serving socket path ``sock``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+                with open(f"/proc/{d}/stat") as f:
+                    zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                continue
+            if b"--agent" in argv and sock.encode() in argv and not zombie:
+                pids.append(int(d))
+    return pids
+
+
+_AGENT_STAGE = (
+    "import sys\nfrom mergeflow import tracking\n"
+    "with tracking.sidecar():\n"
+    "    assert isinstance(tracking._SIDECAR, tracking._SocketSink), tracking._SIDECAR\n"
+    "    with tracking.stage_run('s@' + sys.argv[1], {'p': sys.argv[1]}) as tr:\n"
+    "        tr.metrics({'m': 2.0}, step=0)\n"
+    "        tr.outputs({'o': 'out.txt'})\n"
+    "        print(tr.run_id, flush=True)\n"
+    "assert 'mlflow' not in sys.modules\n"
+)
+
+
+def _wait_for(cond, timeout_s: float = 60.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.1)
+    return cond()
+
+
+def test_stages_of_a_bare_repro_share_one_tracking_agent(workspace, monkeypatch):
+    """Without a flow, stage processes log through one long-lived agent (MLflow imported once):
+    sequential and concurrent stages, each its own complete run; the agent exits when idle and
+    removes its socket; a later stage starts a new one."""
+    import hashlib
+
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "3")
+    sock = str(tracking.agent_dir() / f"agent-{tracking.agent_key()}.sock")
+
+    def stage(*names: str) -> list[str]:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _AGENT_STAGE, n], stdout=subprocess.PIPE,
+                             text=True)
+            for n in names
+        ]
+        outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+        assert [p.returncode for p in procs] == [0] * len(names)
+        return outs
+
+    first = stage("a")
+    pids = _agents(sock)
+    assert len(pids) == 1 and os.path.exists(sock)
+    second = stage("b", "c", "d")  # concurrent starters, one agent
+    assert _agents(sock) == pids
+    client = _client(workspace)
+    for name, run_id in zip("abcd", first + second, strict=True):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mergeflow.stage"] == f"s@{name}"
+        assert run.data.params == {"p": name}
+        assert run.data.tags["output.o.md5"] == hashlib.md5(b"y").hexdigest()
+        assert run.data.metrics["m"] == 2.0
+    assert _wait_for(lambda: not _agents(sock)), "the idle agent did not exit"
+    assert not os.path.exists(sock)
+    third = stage("e")  # a new agent
+    assert client.get_run(third[0]).info.status == "FINISHED"
+    assert _wait_for(lambda: not _agents(sock))
+
+
+def test_concurrent_first_stages_start_exactly_one_agent(workspace, monkeypatch):
+    """Stages that find no agent at the same moment each launch one: one binds, the rest leave."""
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "3")
+    sock = str(tracking.agent_dir() / f"agent-{tracking.agent_key()}.sock")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _AGENT_STAGE, n], stdout=subprocess.PIPE,
+                         text=True)
+        for n in "xyz"
+    ]
+    run_ids = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0]
+    assert len(_agents(sock)) == 1
+    client = _client(workspace)
+    assert {client.get_run(r).info.status for r in run_ids} == {"FINISHED"}
+    assert _wait_for(lambda: not _agents(sock))
+
+
+def test_agent_replaces_a_stale_socket(workspace, monkeypatch):
+    """A socket file left by a dead agent (killed, machine reboot of /tmp-less setups) is taken
+    over instead of blocking every stage."""
+    import socket
+
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "2")
+    sock = str(tracking.agent_dir() / f"agent-{tracking.agent_key()}.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock)
+    stale.close()  # the file stays, nobody listens
+    assert os.path.exists(sock)
+    with tracking.sidecar(), tracking.stage_run("probe", {"a": 1}) as tr:
+        assert isinstance(tracking._SIDECAR, tracking._SocketSink)
+        run_id = tr.run_id
+    assert _client(workspace).get_run(run_id).info.status == "FINISHED"
+    assert len(_agents(sock)) == 1
+    assert _wait_for(lambda: not _agents(sock))
+
+
+def test_agent_key_follows_the_logging_environment(workspace, monkeypatch):
+    """Stages with another tracking URI or credentials never share an agent; per-stage ids do."""
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "2")
+    key = tracking.agent_key()
+    monkeypatch.setenv("MERGEFLOW_PARENT_RUN_ID", "abc")
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "50")
+    assert tracking.agent_key() == key
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "other")
+    assert tracking.agent_key() != key
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workspace / 'other.db'}")
+    assert tracking.agent_key() != key
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    sub = workspace / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(sub)  # default store ./mlflow.db: another workspace, another agent
+    assert tracking.agent_key() != key
+
+
+def test_a_bad_agent_setting_is_a_clear_stage_error(workspace, monkeypatch):
+    from mergeflow import stage
+
+    monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "soon")
+    with pytest.raises(SystemExit) as exc:
+        stage.main("mergeflow.pipeline.prepare", ["--task", "x", "--out", "o"])
+    assert exc.value.code == 2
