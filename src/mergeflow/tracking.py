@@ -273,15 +273,19 @@ class _Sidecar(_StreamSink):
 class _SocketSink(_StreamSink):
     """A connection to the tracking service of the flow that runs this stage (:func:`serve`)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, where) -> None:
+        """Connect to socket path ``where`` (or take an already connected socket)."""
         import socket
 
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.connect(path)
-        except OSError:
-            self.sock.close()
-            raise
+        if isinstance(where, socket.socket):
+            self.sock = where
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(where)
+            except OSError:
+                self.sock.close()
+                raise
         super().__init__(self.sock.makefile("w", encoding="utf-8"), self.sock.makefile("r"))
 
     def close(self) -> None:
@@ -356,11 +360,11 @@ def _serve_stream(lines, write, rec: _Recorder) -> None:
         rec.end("FAILED")
 
 
-def _server(path: str, recorder, on_open=None, on_close=None):
-    """A threading Unix-socket server at ``path``: one thread and one :class:`_Recorder` each.
+def _server(where, recorder, on_open=None, on_close=None):
+    """A threading Unix-socket server: one thread and one :class:`_Recorder` per connection.
 
     Args:
-        path: Socket path (bound now).
+        where: Socket path (bound now), or a bound and listening socket.
         recorder: Makes the :class:`_Recorder` of a new connection.
         on_open: Called when a connection starts being served.
         on_close: Called when it has been served (its run ended).
@@ -388,9 +392,9 @@ def _server(path: str, recorder, on_open=None, on_close=None):
         block_on_close = False  # joined by the owner with a deadline: an orphan must not hang it
         request_queue_size = 64
 
-        def __init__(self, *a) -> None:
+        def __init__(self, *a, **kw) -> None:
             self.handlers: list[threading.Thread] = []
-            super().__init__(*a)
+            super().__init__(*a, **kw)
 
         def process_request(self, request, client_address) -> None:
             t = threading.Thread(
@@ -399,7 +403,12 @@ def _server(path: str, recorder, on_open=None, on_close=None):
             self.handlers.append(t)
             t.start()
 
-    return Server(path, Handler)
+    if isinstance(where, str):
+        return Server(where, Handler)
+    server = Server(where.getsockname(), Handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = where
+    return server
 
 
 @contextlib.contextmanager
@@ -451,58 +460,42 @@ _AGENT_ENV_NAMES = (
 )
 _AGENT_ENV_PER_STAGE = (
     SOCKET_ENV, AGENT_IDLE_ENV, "MERGEFLOW_PARENT_RUN_ID", "MERGEFLOW_FLOW_RUN_ID",
-    "MERGEFLOW_FLOW_RUN_URL",
+    "MERGEFLOW_FLOW_RUN_URL", "MERGEFLOW_STAGE_HOST_IDLE",
 )
 
 
 def agent_idle_s() -> float:
     """Seconds an idle tracking agent stays up (``MERGEFLOW_TRACKING_AGENT_IDLE``; 0 = no agent)."""
-    raw = os.environ.get(AGENT_IDLE_ENV, "")
+    from mergeflow.daemon import DaemonSettingError, idle_seconds
+
     try:
-        return max(0.0, float(raw)) if raw.strip() else _AGENT_IDLE_DEFAULT_S
-    except ValueError:
-        raise TrackingError(
-            f"{AGENT_IDLE_ENV}={raw!r} is not a number of seconds (0 turns the agent off)"
-        ) from None
+        return idle_seconds(AGENT_IDLE_ENV, _AGENT_IDLE_DEFAULT_S)
+    except DaemonSettingError as err:
+        raise TrackingError(str(err)) from None
 
 
 def agent_key() -> str:
     """Identity of the agent this process may share: tracking URI, logging env, code, Python."""
-    import hashlib
+    from mergeflow.daemon import env_key
 
-    h = hashlib.sha256()
     here = Path(__file__).resolve()
-    for part in (tracking_uri(), sys.executable, str(here)):
-        h.update(part.encode() + b"\0")
-    for f in (here, here.parent / "io" / "hashing.py"):  # the code the agent runs
-        with contextlib.suppress(OSError):
-            h.update(f.read_bytes())
-    for k in sorted(os.environ):
-        if k in _AGENT_ENV_PER_STAGE:
-            continue
-        if k.startswith(_AGENT_ENV_PREFIXES) or k in _AGENT_ENV_NAMES:
-            h.update(f"{k}={os.environ[k]}".encode() + b"\0")
-    return h.hexdigest()[:20]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in _AGENT_ENV_PER_STAGE
+        and (k.startswith(_AGENT_ENV_PREFIXES) or k in _AGENT_ENV_NAMES)
+    }
+    # the code the agent runs: this module and the hashing of inputs/outputs
+    code = (here, here.parent / "io" / "hashing.py", here.parent / "daemon.py")
+    return env_key((tracking_uri(), sys.executable, str(here)), code, env)
 
 
-def agent_dir() -> Path | None:
-    """This user's private directory for agent sockets (``None`` if it is not ours alone)."""
-    import tempfile
+def agent_path() -> str | None:
+    """The agent's socket path for this process's key (``None``: no private dir)."""
+    from mergeflow.daemon import private_dir
 
-    for base in (os.environ.get("XDG_RUNTIME_DIR"), tempfile.gettempdir()):
-        if not base:
-            continue
-        d = Path(base) / f"mergeflow-{os.getuid()}"
-        if len(str(d)) > 70:  # Unix socket paths are limited to 107 bytes
-            continue
-        try:
-            d.mkdir(mode=0o700, exist_ok=True)
-            st = d.stat()
-        except OSError:
-            continue
-        if st.st_uid == os.getuid() and not st.st_mode & 0o077:
-            return d
-    return None
+    where = private_dir()
+    return None if where is None else str(where / f"agent-{agent_key()}.sock")
 
 
 def _agent_sink() -> _SocketSink | None:
@@ -511,94 +504,54 @@ def _agent_sink() -> _SocketSink | None:
     ``None`` when the agent is off (``MERGEFLOW_TRACKING_AGENT_IDLE=0``) or cannot be reached:
     the caller then starts a per-stage :class:`_Sidecar`.
     """
-    import time
+    from mergeflow.daemon import launch_and_connect
 
     idle = agent_idle_s()
-    where = agent_dir() if idle > 0 else None
-    if where is None:
+    path = agent_path() if idle > 0 else None
+    if path is None:
         return None
-    path = str(where / f"agent-{agent_key()}.sock")
-    with contextlib.suppress(OSError):
-        return _SocketSink(path)
-    log = open(path[: -len(".sock")] + ".log", "ab")  # noqa: SIM115 - handed to the child
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mergeflow.tracking", "--agent", path, "--idle", str(idle)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            cwd=str(where),
-            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()},
-            start_new_session=True,  # outlives this stage; holds no pipe of DVC's or Prefect's
-        )
-    except OSError:
-        return None
-    finally:
-        log.close()
-    deadline = time.monotonic() + 30.0
-    try:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                return _SocketSink(path)
-            if proc.poll() not in (None, 0):
-                return None  # the agent could not start (its error is in the .log beside it)
-            time.sleep(0.02)
-        return None
-    finally:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)  # the launcher forks the agent off and exits at once
+    argv = [sys.executable, "-m", "mergeflow.tracking", "--agent", path, "--idle", str(idle)]
+    sock = launch_and_connect(path, argv, {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()})
+    return None if sock is None else _SocketSink(sock)
 
 
 def _agent(path: str, idle_s: float) -> None:
     """The tracking agent: serve stages on ``path`` until idle for ``idle_s`` seconds, then exit.
 
-    One agent per :func:`agent_key` (the bind happens under a lock file, so concurrent starters
+    One agent per :func:`agent_key` (:func:`mergeflow.daemon.bind_single`: concurrent starters
     leave exactly one). It imports MLflow once and serves every stage of a ``dvc repro`` (one
     thread and one run per connection), instead of one MLflow import per stage (~12 s of CPU on
     the 2-core reference machine). It leaves no half-served client: the socket is unlinked first
     (new stages then start a new agent), then connections already queued are served.
     """
-    import fcntl
-    import socket
     import threading
     import time
 
-    if os.fork() > 0:  # the launcher returns at once; the agent is re-parented
-        os._exit(0)
-    lock = open(path + ".lock", "a")  # noqa: SIM115 - held for the agent's lifetime
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-            return  # another agent serves this key
-        except OSError:
-            pass
-        finally:
-            probe.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        ready = threading.Event()
-        mod: list = [None]
-        guard = threading.Lock()
-        state = {"active": 0, "last": time.monotonic()}
+    from mergeflow.daemon import bind_single, detach, retire
 
-        def recorder() -> _Recorder:
-            ready.wait()
-            return _Recorder(mod[0])
+    detach()
+    listener = bind_single(path)
+    if listener is None:
+        return  # another agent serves this key
+    ready = threading.Event()
+    mod: list = [None]
+    guard = threading.Lock()
+    state = {"active": 0, "last": time.monotonic()}
 
-        def opened() -> None:
-            with guard:
-                state["active"] += 1
+    def recorder() -> _Recorder:
+        ready.wait()
+        return _Recorder(mod[0])
 
-        def closed() -> None:
-            with guard:
-                state["active"] -= 1
-                state["last"] = time.monotonic()
+    def opened() -> None:
+        with guard:
+            state["active"] += 1
 
-        server = _server(path, recorder, opened, closed)
-    finally:
-        fcntl.flock(lock, fcntl.LOCK_UN)
+    def closed() -> None:
+        with guard:
+            state["active"] -= 1
+            state["last"] = time.monotonic()
+
+    server = _server(listener, recorder, opened, closed)
     thread = threading.Thread(target=server.serve_forever, args=(0.2,), daemon=True)
     thread.start()
     with contextlib.suppress(Exception):  # a failure shows in each client's reply instead
@@ -607,18 +560,14 @@ def _agent(path: str, idle_s: float) -> None:
     while True:
         time.sleep(min(1.0, idle_s / 4))
         with guard:
-            idle = state["active"] == 0 and time.monotonic() - state["last"] >= idle_s
-        if idle:
-            break
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)  # from now on new stages start a new agent
-    fcntl.flock(lock, fcntl.LOCK_UN)
+            if state["active"] == 0 and time.monotonic() - state["last"] >= idle_s:
+                break
+    retire(path)  # from now on new stages start a new agent
     server.shutdown()
-    server.socket.setblocking(False)
+    listener.setblocking(False)
     while True:  # serve whoever connected before the unlink
         try:
-            conn, addr = server.socket.accept()
+            conn, addr = listener.accept()
         except OSError:
             break
         conn.setblocking(True)

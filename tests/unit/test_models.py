@@ -83,6 +83,26 @@ def test_task_models_swap_encoders(tok):
     assert 0.0 <= tm.accuracy("a", batches) <= 1.0
 
 
+def test_scoring_pass_yields_the_router_features_bitwise(tok):
+    """The evaluate stage takes Twin-Merging's router inputs φ(x) from the scoring pass of its
+    shared merge instead of a second forward pass: the same numbers, and the same accuracy."""
+    from mergeflow.pipeline.context import MergeContext
+
+    a, b = tiny(seed=1), tiny(seed=2)
+    enc = {k: v.clone() for k, v in tiny(seed=3).base_model.state_dict().items()}
+    batches = {t: tokenize(tok, TEXTS[i:], LABELS[i:], max_length=16, batch_size=5)
+               for i, t in enumerate(("a", "b"))}
+    ctx = MergeContext(cfg=None, tasks=["a", "b"], base=enc, task_vectors={},
+                       models=TaskModels({"a": a, "b": b}), tokenizer=tok)
+    feats: dict = {}
+    acc = ctx.score(enc, batches, features=feats)
+    assert acc == ctx.score(enc, batches)
+    for t in ("a", "b"):
+        assert len(feats[t]) == len(list(batches[t]))
+        for j, batch in enumerate(batches[t]):
+            assert torch.equal(feats[t][j], ctx.pooled_features(enc, [batch]))
+
+
 def test_lora_delta_equals_peft_merge(tmp_path):
     m = tiny()
     base_enc = {k: v.clone() for k, v in m.base_model.state_dict().items()}

@@ -274,7 +274,7 @@ def test_stages_of_a_bare_repro_share_one_tracking_agent(workspace, monkeypatch)
     import hashlib
 
     monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "3")
-    sock = str(tracking.agent_dir() / f"agent-{tracking.agent_key()}.sock")
+    sock = tracking.agent_path()
 
     def stage(*names: str) -> list[str]:
         procs = [
@@ -309,7 +309,7 @@ def test_stages_of_a_bare_repro_share_one_tracking_agent(workspace, monkeypatch)
 def test_concurrent_first_stages_start_exactly_one_agent(workspace, monkeypatch):
     """Stages that find no agent at the same moment each launch one: one binds, the rest leave."""
     monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "3")
-    sock = str(tracking.agent_dir() / f"agent-{tracking.agent_key()}.sock")
+    sock = tracking.agent_path()
     procs = [
         subprocess.Popen([sys.executable, "-c", _AGENT_STAGE, n], stdout=subprocess.PIPE,
                          text=True)
@@ -329,7 +329,7 @@ def test_agent_replaces_a_stale_socket(workspace, monkeypatch):
     import socket
 
     monkeypatch.setenv(tracking.AGENT_IDLE_ENV, "2")
-    sock = str(tracking.agent_dir() / f"agent-{tracking.agent_key()}.sock")
+    sock = tracking.agent_path()
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     stale.bind(sock)
     stale.close()  # the file stays, nobody listens

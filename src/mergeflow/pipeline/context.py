@@ -60,11 +60,38 @@ class MergeContext:
         encoder: dict[str, torch.Tensor],
         batches: dict[str, Batches],
         tasks: list[str] | None = None,
+        features: dict[str, list[torch.Tensor]] | None = None,
     ) -> dict[str, float]:
-        """Accuracy per task with ``encoder`` under every task's own head."""
+        """Accuracy per task with ``encoder`` under every task's own head.
+
+        Args:
+            encoder: Encoder weights.
+            batches: Tokenized batches per task.
+            tasks: Tasks to score (default: all).
+            features: If given, filled with each task's per-batch mean-pooled last hidden states
+                from the same forward passes (what :meth:`pooled_features` computes, for free).
+        """
         tasks = tasks or self.tasks
         self.models.set_encoder(encoder, tasks)
-        return {t: self.models.accuracy(t, batches[t]) for t in tasks}
+        if features is None:
+            return {t: self.models.accuracy(t, batches[t]) for t in tasks}
+        from mergeflow.compression.twin import mean_pool
+
+        out = {}
+        for t in tasks:
+            model, feats = self.models.models[t], features.setdefault(t, [])
+            masks = [b.inputs["attention_mask"] for b in batches[t]]  # one encoder call per batch
+
+            def pool(_m, _args, output, masks=masks, feats=feats) -> None:
+                mask = masks[len(feats)].to(output[0].device)
+                feats.append(mean_pool(output[0], mask).float().cpu())
+
+            hook = model.base_model.register_forward_hook(pool)
+            try:
+                out[t] = self.models.accuracy(t, batches[t])
+            finally:
+                hook.remove()
+        return out
 
     def predictions(
         self, encoder: dict[str, torch.Tensor], batches: Batches, task: str
@@ -89,12 +116,20 @@ class MergeContext:
         return torch.cat(out)
 
     @torch.inference_mode()
-    def score_twin(self, model, batches: dict[str, Batches], routing: str = "top1") -> dict:
+    def score_twin(
+        self,
+        model,
+        batches: dict[str, Batches],
+        routing: str = "top1",
+        features: dict[str, list[torch.Tensor]] | None = None,
+    ) -> dict:
         """Accuracy per task of a Twin-Merging model with per-input routing.
 
         ``top1``: each input is routed to argmax r(x); a batch is split into one group per routed
         task and that task's weights are loaded once per group. ``soft``: each input gets its own
-        mixture θ* + Σ_t r_t(x) δ̂_t (one weight build per input: exact but slow).
+        mixture θ* + Σ_t r_t(x) δ̂_t (one weight build per input: exact but slow). ``features``:
+        the router's inputs φ(x) under θ* per task and batch, if already computed (by
+        :meth:`score` of the same weights); computed here otherwise.
 
         Returns:
             ``{"accuracy": {task: acc}, "routing_accuracy": {task: share routed to itself}}``.
@@ -102,8 +137,9 @@ class MergeContext:
         acc, routed_ok = {}, {}
         for i, t in enumerate(self.tasks):
             correct = n = self_routed = 0
-            for b in batches[t]:
-                probs = model.route(self.pooled_features(model.shared, [b]))
+            for j, b in enumerate(batches[t]):
+                feats = features[t][j] if features else self.pooled_features(model.shared, [b])
+                probs = model.route(feats)
                 self_routed += int((probs.argmax(-1) == i).sum())
                 if routing == "top1":
                     groups = [

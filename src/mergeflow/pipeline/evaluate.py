@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from mergeflow import compression, methods
 from mergeflow.coefficients import rebuild
 from mergeflow.compression import twin
@@ -43,6 +45,14 @@ class Paths:
     plot: Path
     pareto: Path
     report: Path
+
+
+def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bitwise the same state dict (then a forward pass of one serves for the other)."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k])
+        for k in a
+    )
 
 
 def summarize(per_task: dict[str, dict[str, float]], expert: dict[str, float]) -> dict:
@@ -180,8 +190,8 @@ def run(cfg: Params, paths: Paths) -> dict:
         )
     rows["base"] = ctx.score(ctx.base, test)
     twin_model = twin.TwinModel(paths.twin)
-    twin_scores = ctx.score_twin(twin_model, test, twin_model.manifest.get("routing", "top1"))
-    rows["twin_merging"] = twin_scores["accuracy"]
+    rows["twin_merging"] = {}  # scored below, with the router features of its shared merge's row
+    twin_feats: dict | None = None
     experts = experts_from_vectors(ctx.base, ctx.task_vectors)
     for name, c in coef.items():
         if "learned" in c:  # learned coefficients (AdaMerging, aTLAS, Concrete): re-apply α
@@ -190,7 +200,14 @@ def run(cfg: Params, paths: Paths) -> dict:
             merged = methods.merge(
                 name, ctx.base, experts, scaling=c["scaling"], **c["hyperparams"]
             )
-        rows[name] = ctx.score(merged, test)
+        shared = twin_feats is None and same_weights(merged, twin_model.shared)
+        feats: dict | None = {} if shared else None
+        rows[name] = ctx.score(merged, test, features=feats)
+        twin_feats = feats if shared else twin_feats
+    twin_scores = ctx.score_twin(
+        twin_model, test, twin_model.manifest.get("routing", "top1"), features=twin_feats
+    )
+    rows["twin_merging"] = twin_scores["accuracy"]
     summary = summarize(rows, rows["expert"])
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=["model", "task", "accuracy", "normalized"])
