@@ -93,11 +93,16 @@ def connect(path: str) -> socket.socket | None:
 
 
 def launch_and_connect(
-    path: str, argv: list[str], env: Mapping[str, str], timeout_s: float = 30.0
+    path: str,
+    argv: list[str],
+    env: Mapping[str, str],
+    timeout_s: float = 30.0,
+    cwd: str | None = None,
 ) -> socket.socket | None:
     """Connect to the service at ``path``, launching ``argv`` first if nobody listens.
 
-    The launched process must detach (fork and exit) and bind ``path`` with :func:`bind_single`.
+    The launched process (in ``cwd``, default the socket's directory) must detach (fork and
+    exit) and bind ``path`` with :func:`bind_single`.
     Its output goes to ``<path without .sock>.log``; it holds no pipe of the caller's (DVC and
     Prefect wait for their commands' pipes to close).
 
@@ -118,7 +123,7 @@ def launch_and_connect(
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                cwd=os.path.dirname(path),
+                cwd=cwd or os.path.dirname(path),
                 env=dict(env),
                 start_new_session=True,
             )

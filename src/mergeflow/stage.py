@@ -43,10 +43,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(module: str, argv: list[str] | None = None) -> None:
     """Run stage ``module`` (its ``run(cfg, paths)`` and ``Paths``) from the command line.
 
+    From the command line (``argv`` None) the stage runs in a fork of the warm stage host
+    (:mod:`mergeflow.stagehost`: torch and transformers already imported), else in this process.
     Parses ``--params`` and one ``--<field>`` per field of ``Paths``. The connection to the MLflow
     tracking service (the flow's, the shared agent, or a sidecar) is made before ``module`` (and
     torch with it) is imported, so a sidecar's MLflow import and the stage's load side by side.
     """
+    if argv is None:  # a command line: run in the warm stage host if there is one
+        from mergeflow import stagehost
+
+        code = stagehost.delegate(module)
+        if code is not None:
+            sys.exit(code)
     tune_malloc()
     with contextlib.ExitStack() as stack:
         try:

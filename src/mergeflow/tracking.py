@@ -487,7 +487,8 @@ def agent_key() -> str:
     }
     # the code the agent runs: this module and the hashing of inputs/outputs
     code = (here, here.parent / "io" / "hashing.py", here.parent / "daemon.py")
-    return env_key((tracking_uri(), sys.executable, str(here)), code, env)
+    # the cwd too: MLflow puts a new SQLite store's artifact root under the creator's ./mlruns
+    return env_key((tracking_uri(), os.getcwd(), sys.executable, str(here)), code, env)
 
 
 def agent_path() -> str | None:
@@ -511,7 +512,8 @@ def _agent_sink() -> _SocketSink | None:
     if path is None:
         return None
     argv = [sys.executable, "-m", "mergeflow.tracking", "--agent", path, "--idle", str(idle)]
-    sock = launch_and_connect(path, argv, {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    sock = launch_and_connect(path, argv, env, cwd=os.getcwd())
     return None if sock is None else _SocketSink(sock)
 
 

@@ -156,3 +156,24 @@ def test_atomic_dir_restores_old_artifact_moved_aside_by_a_killed_writer(tmp_pat
         raise RuntimeError("fails before the swap")
     assert (tmp_path / "art" / "f.txt").read_text() == "old"
     assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+def test_saved_safetensors_are_byte_identical_across_processes(tmp_path):
+    """safetensors orders header metadata by a per-process hash seed; mergeflow sorts it, so a
+    rerun of a stage writes the same bytes (the same DVC hash)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\nfrom mergeflow.io import save_state_dict\n"
+        "save_state_dict({'w': torch.arange(6.).reshape(2, 3), 'b': torch.ones(2)}, sys.argv[1],"
+        " metadata={f'k{i}': str(i) for i in range(12)})\n"
+    )
+    outs = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for out in outs:
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+    assert len({o.read_bytes() for o in outs}) == 1
+    from mergeflow.io import load_state_dict
+
+    got = load_state_dict(outs[0])
+    assert torch.equal(got["w"], torch.arange(6.0).reshape(2, 3))

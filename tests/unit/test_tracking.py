@@ -128,6 +128,7 @@ def test_artifact_and_outputs_are_read_before_the_call_returns(workspace, monkey
             run_id = tr.run_id
     client = _client(workspace)
     assert [f.path for f in client.list_artifacts(run_id, "coef")] == ["coef/w.bin"]
+    assert list((workspace / "mlruns").rglob("w.bin"))  # the workspace's artifact store
     assert client.get_run(run_id).data.tags["output.o.md5"] == before
 
 

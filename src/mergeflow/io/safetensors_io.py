@@ -267,7 +267,26 @@ def save_state_dict(
         storage_options: fsspec options.
     """
     data = st_save({k: v.contiguous() for k, v in sd.items()}, metadata=dict(metadata or {}))
-    write_bytes_atomic(path, data, storage_options)
+    write_bytes_atomic(path, canonical_header(data), storage_options)
+
+
+def canonical_header(data: bytes) -> bytes:
+    """Serialized safetensors with the header's ``__metadata__`` keys in sorted order.
+
+    safetensors writes metadata from a hash map whose order changes from process to process, so
+    the same tensors and metadata gave different bytes (and DVC hashes) on every run. The
+    header keeps its length (same keys and values, sorted), so tensor offsets are unchanged.
+    """
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.get("__metadata__")
+    if not meta:
+        return data
+    header["__metadata__"] = dict(sorted(meta.items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # never expected (same content); keep safetensors' own bytes
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n :]
 
 
 def write_bytes_atomic(
