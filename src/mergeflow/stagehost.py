@@ -319,6 +319,12 @@ def _host(path: str, idle: float) -> None:
             importlib.import_module(name)
         except Exception as err:  # noqa: BLE001 - the stage imports it itself (and reports)
             print(f"stage host: preloading {name} failed: {err}", file=sys.stderr, flush=True)
+    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
+    if threads > 1:  # forking a multi-threaded process is unsafe: let every stage run itself
+        print(f"stage host: {threads} threads after preloading; not serving", file=sys.stderr)
+        daemon.retire(path)
+        listener.close()
+        return
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # supervisors are reaped by the kernel
     listener.settimeout(1.0)
     live: list[int] = []
