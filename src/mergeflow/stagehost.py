@@ -319,9 +319,14 @@ def _host(path: str, idle: float) -> None:
             importlib.import_module(name)
         except Exception as err:  # noqa: BLE001 - the stage imports it itself (and reports)
             print(f"stage host: preloading {name} failed: {err}", file=sys.stderr, flush=True)
-    threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 1
-    if threads > 1:  # forking a multi-threaded process is unsafe: let every stage run itself
-        print(f"stage host: {threads} threads after preloading; not serving", file=sys.stderr)
+    import threading
+
+    # a Python thread could hold a lock (logging, import) at fork time: then let every stage run
+    # itself. (torch's native helper threads are re-created in forked children by its own
+    # fork handlers, as for DataLoader workers.)
+    threads = threading.active_count()
+    if threads > 1:
+        print(f"stage host: {threads} Python threads after preloading; not serving", file=sys.stderr)
         daemon.retire(path)
         listener.close()
         return
