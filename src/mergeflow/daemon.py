@@ -182,6 +182,32 @@ def retire(path: str) -> None:
         os.unlink(path)
 
 
+def drain(listener: socket.socket, handle) -> None:
+    """After :func:`retire`: hand each connection already queued on ``listener`` to ``handle``.
+
+    Clients that connected before the socket path was removed are served, not dropped.
+    """
+    listener.setblocking(False)
+    while True:
+        try:
+            conn, addr = listener.accept()
+        except OSError:
+            break
+        conn.setblocking(True)
+        handle(conn, addr)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def detach() -> None:
     """Fork; the parent (the launcher the client waits for) exits, the child carries on."""
     sys.stdout.flush()

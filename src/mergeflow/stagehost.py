@@ -338,7 +338,7 @@ def _host(path: str, idle: float) -> None:
         try:
             conn, _ = listener.accept()
         except TimeoutError:
-            live = [p for p in live if _alive(p)]
+            live = [p for p in live if daemon.pid_alive(p)]
             if live:
                 last = time.monotonic()
             elif time.monotonic() - last >= idle:
@@ -349,25 +349,8 @@ def _host(path: str, idle: float) -> None:
             live.append(pid)
         last = time.monotonic()
     daemon.retire(path)  # new stages start a new host from now on
-    listener.setblocking(False)
-    while True:  # serve whoever connected before the unlink
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            break
-        conn.setblocking(True)
-        _serve_one(listener, conn)
+    daemon.drain(listener, lambda conn, _addr: _serve_one(listener, conn))
     listener.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 if __name__ == "__main__":

@@ -271,7 +271,7 @@ class _Sidecar(_StreamSink):
 
 
 class _SocketSink(_StreamSink):
-    """A connection to the tracking service of the flow that runs this stage (:func:`serve`)."""
+    """A connection to a tracking service: the flow's (:func:`serve`) or the agent (:func:`_agent`)."""
 
     def __init__(self, where) -> None:
         """Connect to socket path ``where`` (or take an already connected socket)."""
@@ -529,7 +529,7 @@ def _agent(path: str, idle_s: float) -> None:
     import threading
     import time
 
-    from mergeflow.daemon import bind_single, detach, retire
+    from mergeflow.daemon import bind_single, detach, drain, retire
 
     detach()
     listener = bind_single(path)
@@ -566,14 +566,7 @@ def _agent(path: str, idle_s: float) -> None:
                 break
     retire(path)  # from now on new stages start a new agent
     server.shutdown()
-    listener.setblocking(False)
-    while True:  # serve whoever connected before the unlink
-        try:
-            conn, addr = listener.accept()
-        except OSError:
-            break
-        conn.setblocking(True)
-        server.process_request(conn, addr)
+    drain(listener, server.process_request)
     for t in list(server.handlers):
         t.join()
     server.server_close()

@@ -8,12 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from mergeflow import stagehost
+from tests.helpers import live_processes, wait_for
 
 STAGE = '''
 """A probe stage: writes what its process looks like, then behaves as told by --mode."""
@@ -81,27 +81,7 @@ def _run(ws, env, mode, out="out.json", **kw):
 
 
 def _hosts(sock: str) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"mergeflow.stagehost" in argv and sock.encode() in argv and state != "Z":
-            pids.append(int(d))
-    return pids
-
-
-def _wait(cond, timeout_s=60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
+    return live_processes("mergeflow.stagehost", sock)
 
 
 def _sock(env) -> str:
@@ -146,7 +126,7 @@ def test_stages_run_in_the_warm_host_as_in_their_own_process(probe):
     assert off.returncode == 0
     assert not json.loads((ws / "off.json").read_text())["preloaded"]  # its own process
 
-    assert _wait(lambda: not _hosts(sock)), "the idle host did not exit"
+    assert wait_for(lambda: not _hosts(sock)), "the idle host did not exit"
     assert not os.path.exists(sock)
 
 
@@ -162,7 +142,7 @@ def test_a_killed_entry_point_takes_its_stage_down(probe, how):
         [sys.executable, "entry.py", "--out", out.name, "--mode", "sleep"],
         cwd=ws, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    assert _wait(lambda: out.exists() and out.read_text()), "the stage did not start"
+    assert wait_for(lambda: out.exists() and out.read_text()), "the stage did not start"
     stage_pid = json.loads(out.read_text())["pid"]
     assert stage_pid != proc.pid
     proc.send_signal(getattr(signal, how))
@@ -175,7 +155,7 @@ def test_a_killed_entry_point_takes_its_stage_down(probe, how):
             return True
         return state == "Z"
 
-    assert _wait(gone, 20), "the stage outlived its entry point"
+    assert wait_for(gone, 20), "the stage outlived its entry point"
 
 
 def test_a_bad_host_setting_is_a_clear_error(probe):

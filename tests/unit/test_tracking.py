@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from mergeflow import tracking
+from tests.helpers import live_processes, wait_for
 
 
 @pytest.mark.parametrize("preset", [False, True])
@@ -230,19 +231,7 @@ def test_stage_processes_log_through_the_flow_service(workspace):
 
 def _agents(sock: str) -> list[int]:
     """Pids of live tracking agents serving socket path ``sock``."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/cmdline", "rb") as f:
-                    argv = f.read().split(b"\0")
-                with open(f"/proc/{d}/stat") as f:
-                    zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-            except OSError:
-                continue
-            if b"--agent" in argv and sock.encode() in argv and not zombie:
-                pids.append(int(d))
-    return pids
+    return live_processes("--agent", sock)
 
 
 _AGENT_STAGE = (
@@ -255,17 +244,6 @@ _AGENT_STAGE = (
     "        print(tr.run_id, flush=True)\n"
     "assert 'mlflow' not in sys.modules\n"
 )
-
-
-def _wait_for(cond, timeout_s: float = 60.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return cond()
 
 
 def test_stages_of_a_bare_repro_share_one_tracking_agent(workspace, monkeypatch):
@@ -300,11 +278,11 @@ def test_stages_of_a_bare_repro_share_one_tracking_agent(workspace, monkeypatch)
         assert run.data.params == {"p": name}
         assert run.data.tags["output.o.md5"] == hashlib.md5(b"y").hexdigest()
         assert run.data.metrics["m"] == 2.0
-    assert _wait_for(lambda: not _agents(sock)), "the idle agent did not exit"
+    assert wait_for(lambda: not _agents(sock)), "the idle agent did not exit"
     assert not os.path.exists(sock)
     third = stage("e")  # a new agent
     assert client.get_run(third[0]).info.status == "FINISHED"
-    assert _wait_for(lambda: not _agents(sock))
+    assert wait_for(lambda: not _agents(sock))
 
 
 def test_concurrent_first_stages_start_exactly_one_agent(workspace, monkeypatch):
@@ -321,7 +299,7 @@ def test_concurrent_first_stages_start_exactly_one_agent(workspace, monkeypatch)
     assert len(_agents(sock)) == 1
     client = _client(workspace)
     assert {client.get_run(r).info.status for r in run_ids} == {"FINISHED"}
-    assert _wait_for(lambda: not _agents(sock))
+    assert wait_for(lambda: not _agents(sock))
 
 
 def test_agent_replaces_a_stale_socket(workspace, monkeypatch):
@@ -340,7 +318,7 @@ def test_agent_replaces_a_stale_socket(workspace, monkeypatch):
         run_id = tr.run_id
     assert _client(workspace).get_run(run_id).info.status == "FINISHED"
     assert len(_agents(sock)) == 1
-    assert _wait_for(lambda: not _agents(sock))
+    assert wait_for(lambda: not _agents(sock))
 
 
 def test_agent_key_follows_the_logging_environment(workspace, monkeypatch):
