@@ -71,7 +71,14 @@ def stack(tmp_path_factory, moto_s3, mlflow_server, prefect_server):
 
 
 def _api(stack, method: str, path: str, **kw):
-    r = httpx.request(method, stack["api"] + path, timeout=30, **kw)
+    """One Prefect API call, retried like Prefect's own client on 429/502/503: the SQLite-backed
+    server answers 503 while its database is locked (seen in CI as two runs were created at
+    once); the failed request's transaction was rolled back, so a retry is safe."""
+    for attempt in range(10):
+        r = httpx.request(method, stack["api"] + path, timeout=30, **kw)
+        if r.status_code not in (429, 502, 503) or attempt == 9:
+            break
+        time.sleep(1 + attempt)
     r.raise_for_status()
     return r.json()
 
