@@ -277,15 +277,12 @@ class _SocketSink(_StreamSink):
         """Connect to socket path ``where`` (or take an already connected socket)."""
         import socket
 
-        if isinstance(where, socket.socket):
-            self.sock = where
-        else:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(where)
-            except OSError:
-                self.sock.close()
-                raise
+        from mergeflow.daemon import connect
+
+        sock = where if isinstance(where, socket.socket) else connect(where)
+        if sock is None:
+            raise OSError(f"nobody listens on tracking socket {where}")
+        self.sock = sock
         super().__init__(self.sock.makefile("w", encoding="utf-8"), self.sock.makefile("r"))
 
     def close(self) -> None:
