@@ -88,6 +88,9 @@ CASES = [(m, {}) for m in methods.available()] + [
 ]
 
 
+HOT = ("task_arithmetic", "ties", "dare", "pcb")  # methods with their own chunked kernel
+
+
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     # exercise chunking, histogram selection and the re-read path on tiny tensors
@@ -136,6 +139,30 @@ def test_engine_mixed_dtypes_compute_fp32_write_base_dtype(tmp_path):
     for k in ref:
         assert got[k].dtype == base[k].dtype
         assert torch.equal(got[k], ref[k]), k
+
+
+@pytest.mark.parametrize("method,params", [c for c in CASES if c[0] in HOT], ids=str)
+def test_engine_fp16_base_converted_slice_by_slice(tmp_path, monkeypatch, method, params):
+    # a half-precision base larger than BaseF32.WHOLE is converted to float32 one chunk at a
+    # time (never whole); the result must not change
+    monkeypatch.setattr(kernels, "CHUNK", 37)
+    monkeypatch.setattr(kernels.BaseF32, "WHOLE", 50)
+    base = make_state(0, dtype=torch.float16)
+    experts = {f"t{i}": make_state(10 + i, base=base) for i in range(3)}
+    write_ckpt(tmp_path / "base", base, shards=1)
+    for t, sd in experts.items():
+        write_ckpt(tmp_path / t, sd, shards=1)
+    out = tmp_path / "out"
+    merge_checkpoints(
+        method, str(tmp_path / "base"), {t: str(tmp_path / t) for t in experts}, out, params
+    )
+    ref = methods.merge(method, base, experts, **params)
+    got = load_dir(out)
+    for k in ref:
+        assert got[k].dtype == base[k].dtype
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-3, msg=k)
+        if method == "task_arithmetic":
+            assert torch.equal(got[k], ref[k]), k
 
 
 def test_engine_output_is_sharded_and_atomic_replace(setup):

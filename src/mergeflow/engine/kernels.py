@@ -11,6 +11,7 @@ in-memory method on the single tensor (correct for every method whose statistics
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from mergeflow.methods.pcb import PcbStats, merge_tensor
 from mergeflow.tensors import num_keep, per_task
 
 _F32 = torch.float32
-CHUNK = 1 << 22  # elements per chunk (16 MiB of float32 per row)
+CHUNK = 1 << 20  # elements per chunk (16 MiB of float32 per row)
 
 
 @dataclass
@@ -38,12 +39,46 @@ class TensorInputs:
     expert: Callable[[int], torch.Tensor]
 
 
-def _ranges(n: int, chunk: int = CHUNK) -> list[slice]:
+def _ranges(n: int, chunk: int | None = None) -> list[slice]:
+    chunk = chunk or CHUNK  # read at call time: tests shrink CHUNK
     return [slice(s, min(s + chunk, n)) for s in range(0, n, chunk)] or [slice(0, 0)]
 
 
-def _tau(e: torch.Tensor, bf: torch.Tensor, s: slice) -> torch.Tensor:
-    """``τ[s] = e[s] − θ_0[s]`` in float32 (``bf`` is the base already in float32)."""
+class BaseF32:
+    """The base tensor, flattened, handed out as float32 slices.
+
+    A tensor of at most ``WHOLE`` entries is converted to float32 once; a larger one (the word
+    embeddings) is converted slice by slice into one reused buffer, so its float32 copy never
+    exists whole: a slice is valid until the next ``[]`` on the same object.
+    """
+
+    WHOLE = 1 << 22
+
+    def __init__(self, base: torch.Tensor):
+        flat = base.reshape(-1)
+        self._n = flat.numel()
+        self._whole = flat.to(_F32) if self._n <= self.WHOLE or flat.dtype == _F32 else None
+        self._flat = flat
+        self._buf: torch.Tensor | None = None
+        self._at: slice | None = None
+
+    def numel(self) -> int:
+        """Number of entries."""
+        return self._n
+
+    def __getitem__(self, s: slice) -> torch.Tensor:
+        if self._whole is not None:
+            return self._whole[s]
+        if self._at != s:
+            if self._buf is None:
+                self._buf = torch.empty(min(self._n, CHUNK), dtype=_F32)
+            self._buf[: s.stop - s.start].copy_(self._flat[s])
+            self._at = s
+        return self._buf[: s.stop - s.start]
+
+
+def _tau(e: torch.Tensor, bf: BaseF32 | torch.Tensor, s: slice) -> torch.Tensor:
+    """``τ[s] = e[s] − θ_0[s]`` in float32 (``bf[s]`` is the base in float32)."""
     return e[s].to(_F32, copy=True).sub_(bf[s])
 
 
@@ -57,7 +92,7 @@ def generic(inp: TensorInputs, method: str, hyper: dict) -> torch.Tensor:
 def task_arithmetic(inp: TensorInputs, params) -> torch.Tensor:
     """``Σ_t w_t τ_t`` accumulated expert by expert (Ilharco et al., ICLR 2023)."""
     w = per_task(params.weights, inp.tasks, "weights", 1.0)
-    bf = inp.base.reshape(-1).to(_F32)
+    bf = BaseF32(inp.base)
     acc = torch.zeros(bf.numel(), dtype=_F32)
     for i, t in enumerate(inp.tasks):
         e = inp.expert(i).reshape(-1)
@@ -77,7 +112,7 @@ def kth_smallest(x: torch.Tensor, k: int) -> float:
     return float(a[k - 1])
 
 
-def tensor_threshold(e: torch.Tensor, bf: torch.Tensor, density: float) -> float:
+def tensor_threshold(e: torch.Tensor, bf: BaseF32, density: float) -> float:
     """Per-tensor TIES threshold, equal to ``magnitude_threshold(τ, density)``.
 
     ``thr = kthvalue(|τ|, n − k + 1)``, ``k = num_keep(n, density)`` (Yadav et al., NeurIPS
@@ -87,8 +122,21 @@ def tensor_threshold(e: torch.Tensor, bf: torch.Tensor, density: float) -> float
     if n == 0 or density >= 1.0:
         return 0.0
     k = num_keep(n, density)
-    mags = e.reshape(-1).to(_F32, copy=True).sub_(bf).abs_()
+    e = e.reshape(-1)
+    mags = torch.empty(n, dtype=_F32)
+    for s in _ranges(n):
+        mags[s].copy_(e[s]).sub_(bf[s]).abs_()
     return kth_smallest(mags, n - k + 1)
+
+
+def _trim(r: torch.Tensor, thr: float, scratch: torch.Tensor) -> None:
+    """``r ← r ⊙ 1[|r| ≥ thr]`` in place.
+
+    The indicator is formed in float32 (``|r|`` then an in-place ``≥``) and multiplied in:
+    ~14× faster on CPU than ``masked_fill_`` with a bool mask. Trimmed negatives become
+    ``−0.0``, which no later step tells apart from ``0.0``.
+    """
+    r.mul_(torch.abs(r, out=scratch[: r.numel()]).ge_(thr))
 
 
 def _disjoint(
@@ -111,17 +159,20 @@ def _disjoint(
     pos = torch.zeros(n, dtype=_F32)
     n_pos = torch.zeros(n, dtype=cdt)
     n_neg = torch.zeros(n, dtype=cdt)
+    m = min(n, CHUNK)
+    scratch = torch.empty(m, dtype=_F32)
+    flag = torch.empty(m, dtype=cdt)  # comparisons written straight into the count dtype
     for i in range(len(inp.tasks)):
         e = inp.expert(i).reshape(-1)
         for s in _ranges(n):
             r, thr = row(i, e, s)  # a scratch chunk: trimmed and clamped in place below
+            f = flag[: r.numel()]
             if thr > 0:
-                r.masked_fill_(r.abs() < thr, 0.0)  # τ̂ = τ ⊙ 1[|τ| ≥ thr]
-            tot[s] += r
-            gt, lt = r > 0, r < 0
-            n_pos[s] += gt.view(cdt) if cdt == torch.uint8 else gt
-            n_neg[s] += lt.view(cdt) if cdt == torch.uint8 else lt
-            pos[s] += r.clamp_min_(0.0)
+                _trim(r, thr, scratch)
+            tot[s].add_(r)
+            n_pos[s].add_(torch.gt(r, 0.0, out=f))
+            n_neg[s].add_(torch.lt(r, 0.0, out=f))
+            pos[s].add_(r.clamp_min_(0.0))
     up, zero = tot > 0, tot == 0
     neg = tot.sub_(pos)  # N = Σ τ̂ − P, in place: the peak stays at two float32 copies
     pos.div_(n_pos.clamp_min_(1))
@@ -133,7 +184,7 @@ def _disjoint(
 
 def ties(inp: TensorInputs, params, thresholds: Sequence[float] | None) -> torch.Tensor:
     """TIES trim / elect / disjoint mean; thresholds per tensor, or given (global scope)."""
-    bf = inp.base.reshape(-1).to(_F32)
+    bf = BaseF32(inp.base)
     thr: dict[int, float] = {}
 
     def row(i: int, e: torch.Tensor, s: slice) -> tuple[torch.Tensor, float]:
@@ -146,42 +197,85 @@ def ties(inp: TensorInputs, params, thresholds: Sequence[float] | None) -> torch
     return _disjoint(inp, row)
 
 
+_MASK_POOL: ThreadPoolExecutor | None = None
+
+
+class _MasksAhead:
+    """DARE keep-masks of one tensor, drawn one expert ahead on a helper thread.
+
+    Expert ``i + 1``'s mask is drawn while expert ``i`` is merged (NumPy's generator and the
+    comparison release the GIL); at most two masks are held.
+    """
+
+    def __init__(self, inp: TensorInputs, params):
+        self.inp, self.params = inp, params
+        self.ahead: dict[int, Future] = {}
+
+    def _submit(self, i: int) -> None:
+        global _MASK_POOL
+        if i >= len(self.inp.tasks) or i in self.ahead or self.params.drop_rate == 0:
+            return
+        if _MASK_POOL is None:
+            _MASK_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dare-mask")
+        inp, pr = self.inp, self.params
+        self.ahead[i] = _MASK_POOL.submit(
+            keep_mask, inp.base.shape, pr.drop_rate, pr.seed, inp.tasks[i], inp.name
+        )
+
+    def get(self, i: int) -> torch.Tensor:
+        self._submit(i)
+        m = self.ahead.pop(i).result()
+        self._submit(i + 1)
+        return m
+
+
 def dare(inp: TensorInputs, params) -> torch.Tensor:
     """DARE drop-and-rescale per expert, then sum or TIES-combine (Yu et al., ICML 2024)."""
-    bf = inp.base.reshape(-1).to(_F32)
+    bf = BaseF32(inp.base)
     n = bf.numel()
     p = params.drop_rate
-    cache: dict[int, tuple[torch.Tensor | None, float]] = {}
+    cache: dict[int, tuple] = {}
+    mf = torch.empty(min(n, CHUNK), dtype=_F32)  # one chunk of the keep-mask as 0.0 / 1.0
+    scratch = torch.empty(min(n, CHUNK), dtype=_F32)
+    masks = _MasksAhead(inp, params)
 
-    def mask_and_factor(i: int, e: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+    def mask_and_factor(i: int, e: torch.Tensor) -> tuple:
+        """Expert i's keep-mask and rescale factor; for ``l1``, also its whole ``m ⊙ τ``."""
         if i in cache:
             return cache[i]
+        cache.clear()  # experts are visited once, in order
         if p == 0:
             res = (None, 1.0)
         else:
-            m = keep_mask(inp.base.shape, p, params.seed, inp.tasks[i], inp.name).reshape(-1)
+            m = masks.get(i).reshape(-1)
             if params.rescale == "inverse":
                 res = (m, 1.0)
             else:
+                # one pass: m ⊙ τ is kept whole (one float32 copy of this tensor) so the rows
+                # need not recompute τ and the mask once the factor ‖τ‖₁ / ‖m ⊙ τ‖₁ is known
+                kept = torch.empty(n, dtype=_F32)
                 org = new = 0.0
                 for s in _ranges(n):
-                    a = _tau(e, bf, s).abs_()
+                    k = kept[s].copy_(e[s]).sub_(bf[s])  # τ, same rounding as _tau
+                    a = torch.abs(k, out=scratch[: k.numel()])
                     org += float(a.sum())
-                    new += float(a.mul_(m[s]).sum())
-                res = (m, org / new if org > 0 and new > 0 else 1.0)
-        cache.clear()  # experts are visited once, in order
+                    mk = mf[: k.numel()].copy_(m[s])
+                    new += float(torch.dot(a, mk))
+                    k.mul_(mk)
+                res = (None, org / new if org > 0 and new > 0 else 1.0, kept)  # mask freed
         cache[i] = res
         return res
 
     def row(i: int, e: torch.Tensor, s: slice) -> torch.Tensor:
-        m, factor = mask_and_factor(i, e)
+        m, factor, *kept = mask_and_factor(i, e)
+        if kept:  # l1: m ⊙ τ computed already; the caller may modify this slice in place
+            r = kept[0][s]
+            return r.mul_(factor) if factor != 1.0 else r
         tau = _tau(e, bf, s)
         if m is None:
             return tau
-        kept = tau.mul_(m[s])
-        if params.rescale == "inverse":
-            return kept.div_(1.0 - p)
-        return kept.mul_(factor) if factor != 1.0 else kept
+        kept_tau = tau.mul_(mf[: tau.numel()].copy_(m[s]))  # float × float: ~4× faster than × bool
+        return kept_tau.div_(1.0 - p)
 
     if params.combine == "ties":
         return _disjoint(inp, lambda i, e, s: (row(i, e, s), 0.0))
@@ -195,7 +289,7 @@ def dare(inp: TensorInputs, params) -> torch.Tensor:
 
 def pcb(inp: TensorInputs, stats: PcbStats) -> torch.Tensor:
     """PCB merge of one tensor with whole-model statistics (Du et al., NeurIPS 2024)."""
-    bf = inp.base.reshape(-1).to(_F32)
+    bf = BaseF32(inp.base)
     es = [inp.expert(i).reshape(-1) for i in range(len(inp.tasks))]
     out = torch.empty(bf.numel(), dtype=_F32)
     for s in _ranges(bf.numel()):

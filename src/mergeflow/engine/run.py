@@ -102,7 +102,7 @@ def _stats_chunks(
 
     def gen() -> Iterator[torch.Tensor]:
         for name in names:
-            bf = reader.base_t(name).reshape(-1).to(_F32)
+            bf = kernels.BaseF32(reader.base_t(name))
             es = [reader.expert_t(i, name).reshape(-1) for i in range(T)]
             for s in kernels._ranges(bf.numel()):
                 tau = torch.stack([kernels._tau(e, bf, s) for e in es])
