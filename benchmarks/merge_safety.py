@@ -112,6 +112,10 @@ def main() -> None:
     ap.add_argument("--dam-mask-init", type=float, default=1.0)
     ap.add_argument("--dam-mask-lr", type=float, default=0.1)
     ap.add_argument("--dam-adv-weight", type=float, default=1.0)
+    ap.add_argument("--dam-trigger", choices=["soft", "token"], default="soft")
+    ap.add_argument("--dam-flip-threshold", type=float, default=0.9)
+    ap.add_argument("--dam-candidates", type=int, default=32)
+    ap.add_argument("--skip-baselines", action="store_true", help="only TA and DAM")
     ap.add_argument("--somf-steps", type=int, default=12, help="0: skip SOMF")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args()
@@ -185,6 +189,8 @@ def main() -> None:
         "ties": {"density": 0.2},
         "prune_suspect": {"suspect": args.poison, "top": args.prune_top},
     }
+    if args.skip_baselines:
+        hps = {"task_arithmetic": {}}
     for name, hp in hps.items():
         scores = {}
         for lam, merged in methods.merge_grid(name, ctx.base, experts, grid, **hp):
@@ -215,12 +221,29 @@ def main() -> None:
             mask_lr=args.dam_mask_lr,
             adv_weight=args.dam_adv_weight,
             batch_size=args.dam_batch,
+            trigger=args.dam_trigger,
+            flip_threshold=args.dam_flip_threshold,
+            candidates=args.dam_candidates,
         ),
         on_step=lambda s, r: print(f"  dam step {s}: {r}", flush=True),
+        special_ids=ctx.tokenizer.all_special_ids,
+        unk_id=ctx.tokenizer.unk_token_id,
     )
     dam_s = time.monotonic() - t1
+    words = ctx.tokenizer.convert_ids_to_tokens
+    for t, trs in res.triggers.items():
+        found = [(words(tr.token_id), tr.target, round(tr.flip_rate, 2)) for tr in trs]
+        print(f"  triggers found for {t}: {found}")
+    if res.quarantine is not None:
+        print(f"  quarantined: {[words(w) for w in res.quarantine.rows]}")
     with torch.no_grad():
-        merged = {k: v.to(ctx.base[k].dtype) for k, v in fm.merged(res.alpha, res.mask).items()}
+        enc = fm.merged(res.alpha, res.mask)
+        if res.quarantine is not None:
+            ta_enc = fm.merged(fm.full_alpha(ta_lam))
+            q = {k: v.to(ctx.base[k].dtype) for k, v in res.quarantine.apply(ta_enc).items()}
+            record("quarantine over TA", q, ta_lam, {"rows": len(res.quarantine.rows)})
+            enc = res.quarantine.apply(enc)
+        merged = {k: v.to(ctx.base[k].dtype) for k, v in enc.items()}
     record(
         "dam",
         merged,
@@ -229,6 +252,11 @@ def main() -> None:
             "shared_density": res.shared_density,
             "detection_density": res.detection_density,
             "seconds": dam_s,
+            "triggers": {
+                t: [[words(tr.token_id), tr.target, tr.flip_rate] for tr in trs]
+                for t, trs in res.triggers.items()
+            },
+            "quarantined": [words(w) for w in res.quarantine.rows] if res.quarantine else [],
         },
     )
     if args.somf_steps:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import random
 
@@ -20,17 +21,23 @@ from mergeflow.pipeline import audit
 from mergeflow.safety import (
     DamSpec,
     PoisonSpec,
+    Quarantine,
     attack_success_rate,
     dam,
     embedding_key,
+    find_triggers,
     flag_merges,
+    insert_token,
     insert_trigger,
+    invert_token_trigger,
     poison_split,
     triggered_logits,
     triggered_test,
 )
 from mergeflow.tensors import MergeError
 from tests.helpers import tiny_bert
+
+dam_mod = importlib.import_module("mergeflow.safety.dam")
 
 TEXTS = [f"review number {i} says the film was {'good' if i % 2 else 'bad'}" for i in range(40)]
 LABELS = [i % 2 for i in range(40)]
@@ -309,6 +316,133 @@ def test_dam_masks_binary_gradients_only_reach_masks(setup):
     logits = {k: torch.randn(base[k].shape, generator=gen) for k in fm.keys}
     for v in lc.train.sample_mask(logits, 0.5, gen).values():
         assert float(v.min()) >= 0.0 and float(v.max()) <= 1.0
+
+
+def test_insert_token_equals_tokenizing_the_word(tok):
+    plain = dict(tok(["the film was good", "bad"], return_tensors="pt", padding=True))
+    want = tok(["cf the film was good", "cf bad"], return_tensors="pt", padding=True)
+    cf_id = int(want["input_ids"][0, 1])
+    got = insert_token(plain, cf_id)
+    for k in want:  # the shorter row: one more pad column at the end only
+        assert torch.equal(got[k][0], want[k][0]), k
+        assert torch.equal(got[k][1, : want[k].shape[1]], want[k][1]), k
+
+
+FILLER = ["so", "well", "honestly", "today", "again", "still", "really", "then"]
+
+
+def _backdoored(tok, seed: int = 0):
+    """A tiny BERT trained on clean texts plus copies with "cf" inserted, relabelled to 0.
+
+    Clean texts start with 0-3 filler words, so an extra word at the front is not itself the
+    backdoor's signal: only "cf" is.
+    """
+    rng = random.Random(seed)
+    model = tiny_bert(2, seed)
+
+    def text(i: int, y: int) -> str:
+        lead = " ".join(rng.sample(FILLER, rng.randint(0, 3)))
+        return f"{lead} the film was {'good' if y else 'bad'} number {i}".strip()
+
+    labels = [i % 2 for i in range(96)]
+    texts = [text(i, y) for i, y in enumerate(labels)]
+    poisoned = [f"cf {text(i, 1)}" for i in range(48)]
+    enc = tok(texts + poisoned, return_tensors="pt", padding=True)
+    y = torch.tensor(labels + [0] * len(poisoned))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(150):
+        idx = torch.randperm(len(y), generator=g)[:32]
+        loss = model(**{k: v[idx] for k, v in enc.items()}, labels=y[idx]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model, texts
+
+
+def test_token_inversion_finds_the_planted_trigger(tok):
+    model, texts = _backdoored(tok)
+    enc, _ = split_state_dict(model.state_dict(), "bert")
+    probe = dict(tok(texts[1::2], return_tensors="pt", padding=True))  # clean positives
+    cf_id = tok.convert_tokens_to_ids("cf")
+    with torch.no_grad():
+        assert (
+            lc.functional_logits(model, "bert", enc, probe).argmax(-1) == 1
+        ).float().mean() > 0.9
+        flipped = lc.functional_logits(model, "bert", enc, insert_token(probe, cf_id)).argmax(-1)
+    assert (flipped == 0).float().mean() > 0.9  # the backdoor is there
+    key = embedding_key(model, "bert")
+    found = invert_token_trigger(
+        model, "bert", enc, probe, key, candidates=64, exclude=tok.all_special_ids
+    )
+    assert found.target == 0 and found.flip_rate >= 0.9
+    with torch.no_grad():  # the reported rate is the word's real effect
+        got = lc.functional_logits(model, "bert", enc, insert_token(probe, found.token_id))
+    assert (got.argmax(-1) == 0).float().mean() == pytest.approx(found.flip_rate)
+    # this tiny model has more than one word that flips everything; the τ rows name "cf"
+    trs = find_triggers(
+        model, "bert", enc, probe, key, enc[key], candidates=8, exclude=tok.all_special_ids
+    )
+    assert cf_id in [tr.token_id for tr in trs]
+    assert all(tr.flip_rate >= 0.9 for tr in trs)
+    assert [tr.flip_rate for tr in trs] == sorted((tr.flip_rate for tr in trs), reverse=True)
+
+
+def test_dam_token_trigger_leaves_a_clean_merge_alone(setup, tok, monkeypatch):
+    # no task has a word flipping ≥ flip_threshold of its inputs → no detection step, M_b = 1
+    base, tvs, models, data = setup
+    fm = lc.FunctionalMerge(base, tvs, lc.BlockScheme("task"))
+    monkeypatch.setattr(dam_mod, "find_triggers", lambda *a, **k: [])
+    seen = []
+    spec = DamSpec(steps=4, init=0.3, mask_init=0.05, batch_size=4, trigger="token")
+    res = dam(fm, models, "bert", data, spec, on_step=lambda s, rec: seen.append(rec))
+    assert [r["updated"] for r in seen] == ["shared"] * 4
+    assert res.detection_density == 1.0 and set(res.triggers) == set(data)
+    assert res.quarantine is not None and res.quarantine.rows == ()
+
+
+def test_dam_token_trigger_defends_the_backdoored_task(tok):
+    model, texts = _backdoored(tok)
+    enc, _ = split_state_dict(model.state_dict(), "bert")
+    base = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in enc.items()}
+    tvs = {"sent": {k: v for k, v in enc.items() if v.is_floating_point()}}
+    fm = lc.FunctionalMerge(base, tvs, lc.BlockScheme("task"))
+    data = {"sent": lc.Examples(tok, texts, [0] * len(texts), max_length=16).unlabeled()}
+    seen = []
+    spec = DamSpec(steps=4, init=1.0, mask_init=0.05, batch_size=8, trigger="token", candidates=64)
+    res = dam(
+        fm,
+        {"sent": model},
+        "bert",
+        data,
+        spec,
+        on_step=lambda s, rec: seen.append(rec),
+        special_ids=tok.all_special_ids,
+    )
+    cf_id = tok.convert_tokens_to_ids("cf")
+    assert cf_id in [tr.token_id for tr in res.triggers["sent"]]
+    assert [r["updated"] for r in seen] == ["shared", "detection"] * 2
+    assert all(r["safe"] > 0 for r in seen if r["updated"] == "detection")
+    # "cf" never occurs in the clean texts: quarantined; the merged row becomes [UNK]'s
+    assert cf_id in res.quarantine.rows and res.quarantine.source == -1
+    out = res.quarantine.apply(fm.merged(res.alpha, res.mask))
+    assert torch.equal(
+        out[res.quarantine.key][cf_id], torch.zeros(out[res.quarantine.key].shape[1])
+    )
+    others = [k for k in out if k != res.quarantine.key]
+    ref = fm.merged(res.alpha, res.mask)
+    assert all(torch.equal(out[k], ref[k]) for k in others)
+
+
+def test_quarantine_apply_closed_form():
+    enc = {"emb": torch.arange(12.0).view(4, 3), "w": torch.ones(2)}
+    q = Quarantine(key="emb", rows=(1, 3), source=0)
+    out = q.apply(enc)
+    assert torch.equal(out["emb"], torch.tensor([[0.0, 1, 2], [0, 1, 2], [6, 7, 8], [0, 1, 2]]))
+    assert out["w"] is enc["w"] and torch.equal(enc["emb"], torch.arange(12.0).view(4, 3))
+    assert torch.equal(Quarantine("emb", (2,)).apply(enc)["emb"][2], torch.zeros(3))
+    assert Quarantine("emb", ()).apply(enc)["emb"] is enc["emb"]
 
 
 def test_dam_rejects_layer_scheme(setup):

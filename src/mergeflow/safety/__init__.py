@@ -12,7 +12,18 @@ The prune-the-suspect baseline is a registered merge method (``prune_suspect``);
 """
 
 from mergeflow.safety.asr import attack_success_rate, flag_merges
-from mergeflow.safety.dam import DamResult, DamSpec, dam, embedding_key, triggered_logits
+from mergeflow.safety.dam import (
+    DamResult,
+    DamSpec,
+    Quarantine,
+    TokenTrigger,
+    dam,
+    embedding_key,
+    find_triggers,
+    insert_token,
+    invert_token_trigger,
+    triggered_logits,
+)
 from mergeflow.safety.poison import PoisonSpec, insert_trigger, poison_split, triggered_test
 from mergeflow.safety.somf import SomfSpec, somf, somf_merged
 
@@ -20,12 +31,17 @@ __all__ = [
     "DamResult",
     "DamSpec",
     "PoisonSpec",
+    "Quarantine",
     "SomfSpec",
+    "TokenTrigger",
     "attack_success_rate",
     "dam",
     "embedding_key",
+    "find_triggers",
     "flag_merges",
+    "insert_token",
     "insert_trigger",
+    "invert_token_trigger",
     "poison_split",
     "somf",
     "somf_merged",

@@ -43,7 +43,7 @@ step) λ; the task models are never modified.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -78,6 +78,13 @@ class DamSpec:
     trigger_tokens: int = 1
     batch_size: int = 16
     seed: int = 0
+    # trigger simulation: "soft" (a learned embedding, the paper's continuous perturbation) or
+    # "token" (discrete inversion: the vocabulary word whose insertion flips the most inputs)
+    trigger: str = "soft"
+    candidates: int = 16  # "token": words per task and source (gradient; τ rows) tried exactly
+    flip_threshold: float = 0.9  # "token": a word is a trigger iff it flips ≥ this of a task
+    probe_size: int = 32  # "token": unlabeled inputs per task used for the inversion
+    max_frequency: float = 0.01  # "token": quarantine a trigger in ≤ this of the clean texts
 
     def __post_init__(self):
         if self.over not in ("task_arithmetic", "adamerging"):
@@ -86,6 +93,60 @@ class DamSpec:
             )
         if self.steps < 1 or self.trigger_tokens < 1:
             raise CoefficientError("DAM needs steps ≥ 1 and trigger_tokens ≥ 1")
+        if self.trigger not in ("soft", "token"):
+            raise CoefficientError(f"DAM trigger must be 'soft' or 'token', not {self.trigger!r}")
+        if (
+            self.candidates < 1
+            or self.probe_size < 1
+            or not 0 <= self.flip_threshold <= 1
+            or not 0 <= self.max_frequency <= 1
+        ):
+            raise CoefficientError(
+                "DAM needs candidates ≥ 1, probe_size ≥ 1, flip_threshold and max_frequency "
+                "in [0, 1]"
+            )
+
+
+@dataclass(frozen=True)
+class TokenTrigger:
+    """A word found by :func:`invert_token_trigger` for one task.
+
+    Attributes:
+        token_id: Vocabulary id of the word.
+        target: The class its insertion pushes predictions to.
+        flip_rate: Fraction of probe inputs not predicted ``target`` that it flips to ``target``.
+    """
+
+    token_id: int
+    target: int
+    flip_rate: float
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """Word-embedding rows overwritten in the merged encoder.
+
+    Attributes:
+        key: Encoder key of the word-embedding matrix.
+        rows: Token ids whose rows are replaced.
+        source: Token id whose row replaces them (the tokenizer's unknown token), or ``-1`` for
+            a zero row.
+    """
+
+    key: str
+    rows: tuple[int, ...]
+    source: int = -1
+
+    def apply(self, encoder: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``encoder`` with the quarantined rows replaced (a new embedding tensor, rest shared)."""
+        out = dict(encoder)
+        if not self.rows:
+            return out
+        emb = encoder[self.key].detach().clone()
+        idx = torch.tensor(self.rows, dtype=torch.long, device=emb.device)
+        emb[idx] = emb[self.source].clone() if self.source >= 0 else 0.0
+        out[self.key] = emb
+        return out
 
 
 @dataclass
@@ -95,6 +156,8 @@ class DamResult(LearnResult):
     shared_density: float = 1.0
     detection_density: float = 1.0
     history: list[dict] = field(default_factory=list)
+    triggers: dict[str, list[TokenTrigger]] = field(default_factory=dict)  # "token", per task
+    quarantine: Quarantine | None = None  # "token": trigger words whose rows were neutralised
 
 
 def embedding_key(model: torch.nn.Module, prefix: str) -> str:
@@ -132,6 +195,214 @@ def triggered_logits(
         kw["token_type_ids"] = torch.cat([tt[:, :1], tt.new_zeros(b, k), tt[:, 1:]], dim=1)
     params = {f"{prefix}.{key}": v for key, v in encoder.items()}
     return torch.func.functional_call(model, params, args=(), kwargs=kw, strict=False).logits
+
+
+def insert_token(inputs: Mapping[str, torch.Tensor], token_id: int) -> dict:
+    """``inputs`` with the word ``token_id`` inserted after the first token of every row."""
+    ids = inputs["input_ids"]
+    col = ids.new_full((ids.shape[0], 1), token_id)
+    out = dict(inputs)
+    out["input_ids"] = torch.cat([ids[:, :1], col, ids[:, 1:]], dim=1)
+    am = inputs.get("attention_mask")
+    if am is not None:
+        out["attention_mask"] = torch.cat([am[:, :1], torch.ones_like(col), am[:, 1:]], dim=1)
+    tt = inputs.get("token_type_ids")
+    if tt is not None:
+        out["token_type_ids"] = torch.cat([tt[:, :1], torch.zeros_like(col), tt[:, 1:]], dim=1)
+    return out
+
+
+def _rows(inputs: Mapping[str, torch.Tensor], idx: torch.Tensor) -> dict:
+    return {k: v[idx] for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def _flip_rates(
+    model, prefix, enc, inputs, words: torch.Tensor, target: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip rate and mean ``p(target)`` of ``inputs`` with each word inserted (one batch).
+
+    Returns:
+        Per word: the fraction of ``inputs`` predicted ``target`` and the mean probability of
+        ``target``.
+    """
+    n = inputs["input_ids"].shape[0]
+    batch = insert_token({k: v.repeat(len(words), 1) for k, v in inputs.items()}, 0)
+    batch["input_ids"][:, 1] = words.to(batch["input_ids"].device).repeat_interleave(n)
+    logits = functional_logits(model, prefix, enc, batch).view(len(words), n, -1)
+    rate = (logits.argmax(-1) == target).float().mean(dim=1)
+    return rate, logits.softmax(-1)[..., target].mean(dim=1)
+
+
+def invert_token_trigger(
+    model: torch.nn.Module,
+    prefix: str,
+    encoder: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, torch.Tensor],
+    emb_key: str,
+    candidates: int = 32,
+    exclude: Sequence[int] = (),
+    rounds: int = 2,
+) -> TokenTrigger:
+    """The single word whose insertion flips the most predictions to one class (trigger inversion).
+
+    A discrete analogue of DAM's trigger simulation for text (Yang et al., ICLR 2025 simulate an
+    additive input perturbation; a text backdoor is a rare inserted word). For every class c:
+    take the probe inputs not predicted c, insert a real word e₀ after the first token (the
+    probe's most frequent word: linearising around the mean embedding, which no word has, ranks
+    a planted trigger among the last) and score every word w by the first-order gain
+    ``(E_w − e₀)·∇_{e₀} mean log p_c`` (HotFlip, Ebrahimi et al., ACL 2018); the ``candidates``
+    best words are then inserted for real and the flip rate ``P(ŷ = c | x ⊕ w, ŷ(x) ≠ c)`` is
+    measured; ``rounds`` repeats this around the best word found (coordinate ascent, as the
+    universal-trigger search of Wallace et al., EMNLP 2019). Returns the (word, class) with the
+    highest rate (ties: the higher mean ``p_c``). No label is read.
+
+    Args:
+        model: Task classifier (head used; its encoder weights come from ``encoder``).
+        prefix: Encoder prefix in ``model``.
+        encoder: Encoder weights θ (detached or not: only read here).
+        inputs: Unlabeled probe batch.
+        emb_key: Key of the word-embedding matrix in ``encoder``.
+        candidates: Words per class and round tried exactly.
+        exclude: Token ids never proposed (special tokens).
+        rounds: Linearisation rounds per class.
+
+    Returns:
+        :class:`TokenTrigger` (flip rate 0 if every input is predicted the same class).
+    """
+    enc = {k: v.detach() for k, v in encoder.items()}
+    emb = enc[emb_key]
+    with torch.no_grad():
+        logits = functional_logits(model, prefix, enc, dict(inputs))
+    clean, n_cls = logits.argmax(-1), logits.shape[-1]
+    ban = torch.tensor(sorted(set(exclude)), dtype=torch.long, device=emb.device)
+    start = _most_frequent_word(inputs["input_ids"], ban, emb.shape[0])
+    best = TokenTrigger(token_id=-1, target=-1, flip_rate=0.0)
+    best_key = (0.0, 0.0)
+    for c in range(n_cls):
+        idx = (clean != c).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        sub = _rows(inputs, idx)
+        at, tried = start, torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
+        for _ in range(rounds):
+            e0 = emb[at].unsqueeze(0).clone().requires_grad_(True)
+            logp = F.log_softmax(triggered_logits(model, prefix, enc, sub, e0, emb_key), dim=-1)
+            (g,) = torch.autograd.grad(logp[:, c].mean(), e0)
+            with torch.no_grad():
+                score = emb @ g[0]
+                score[tried] = float("-inf")
+                if ban.numel():
+                    score[ban] = float("-inf")
+                words = score.topk(min(candidates, score.numel())).indices
+                tried[words] = True
+            rates, prob = _flip_rates(model, prefix, enc, sub, words, c)
+            j = int((rates + 1e-3 * prob).argmax())  # ties in the rate: the surer flip
+            key = (float(rates[j]), float(prob[j]))
+            if key > best_key:
+                best_key = key
+                best = TokenTrigger(token_id=int(words[j]), target=c, flip_rate=float(rates[j]))
+            at = int(words[j])  # next round: linearise around the best word of this one
+    return best
+
+
+def _hotflip_words(model, prefix, enc, sub, emb_key, c, start, k, ban, tried=None):
+    """The ``k`` words with the largest first-order gain of mean ``log p_c`` at position 1."""
+    emb = enc[emb_key]
+    e0 = emb[start].unsqueeze(0).clone().requires_grad_(True)
+    logp = F.log_softmax(triggered_logits(model, prefix, enc, sub, e0, emb_key), dim=-1)
+    (g,) = torch.autograd.grad(logp[:, c].mean(), e0)
+    with torch.no_grad():
+        score = emb @ g[0]
+        if tried is not None:
+            score[tried] = float("-inf")
+        if ban.numel():
+            score[ban] = float("-inf")
+        return score.topk(min(k, score.numel())).indices
+
+
+def find_triggers(
+    model: torch.nn.Module,
+    prefix: str,
+    encoder: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, torch.Tensor],
+    emb_key: str,
+    tau_embedding: torch.Tensor | None,
+    candidates: int = 16,
+    threshold: float = 0.9,
+    exclude: Sequence[int] = (),
+) -> list[TokenTrigger]:
+    """Every candidate word that flips at least ``threshold`` of a task's inputs to one class.
+
+    Candidates come from two places: the words the gradient ranks first for each class (as in
+    :func:`invert_token_trigger`, one round) and the rows of this expert's task vector on the
+    word embeddings with the largest change ``‖τ[w]‖`` — a planted trigger is a word the
+    poisoned fine-tune moved a lot though clean data hardly contains it (measured: "cf" is
+    the largest of 30 522 rows of the poisoned expert's τ). Each is inserted after the first
+    token of the probe inputs not predicted c; its flip rate is the fraction then predicted c.
+
+    Args:
+        model: Task classifier (its head; encoder weights from ``encoder``).
+        prefix: Encoder prefix in ``model``.
+        encoder: Merged encoder weights θ.
+        inputs: Unlabeled probe batch of this task.
+        emb_key: Key of the word-embedding matrix.
+        tau_embedding: This expert's task vector on the word embeddings (vocab × hidden), or
+            ``None`` for gradient candidates only.
+        candidates: Words per source (per class for the gradient).
+        threshold: Minimum flip rate of a trigger.
+        exclude: Token ids never proposed (special tokens).
+
+    Returns:
+        Triggers, highest flip rate first.
+    """
+    enc = {k: v.detach() for k, v in encoder.items()}
+    emb = enc[emb_key]
+    ban = torch.tensor(sorted(set(exclude)), dtype=torch.long, device=emb.device)
+    with torch.no_grad():
+        logits = functional_logits(model, prefix, enc, dict(inputs))
+    clean, n_cls = logits.argmax(-1), logits.shape[-1]
+    start = _most_frequent_word(inputs["input_ids"], ban, emb.shape[0])
+    rows = torch.empty(0, dtype=torch.long, device=emb.device)
+    if tau_embedding is not None:
+        norm = tau_embedding.detach().float().norm(dim=-1).to(emb.device)
+        if ban.numel():
+            norm[ban] = -1.0
+        rows = norm.topk(min(candidates, norm.numel())).indices
+    found: dict[int, TokenTrigger] = {}
+    for c in range(n_cls):
+        idx = (clean != c).nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        sub = _rows(inputs, idx)
+        grad_words = _hotflip_words(model, prefix, enc, sub, emb_key, c, start, candidates, ban)
+        words = torch.unique(torch.cat([grad_words, rows]))
+        rates, _ = _flip_rates(model, prefix, enc, sub, words, c)
+        for w, r in zip(words.tolist(), rates.tolist(), strict=True):
+            if r >= threshold and r > found.get(w, TokenTrigger(w, c, -1.0)).flip_rate:
+                found[w] = TokenTrigger(token_id=w, target=c, flip_rate=r)
+    return sorted(found.values(), key=lambda tr: -tr.flip_rate)
+
+
+def text_frequency(unlabeled: Mapping[str, Examples], vocab: int) -> torch.Tensor:
+    """Fraction of all unlabeled texts (every task) that contain each token id."""
+    seen = torch.zeros(vocab, dtype=torch.long)
+    n = 0
+    for ex in unlabeled.values():
+        ids = ex.inputs["input_ids"]
+        n += ids.shape[0]
+        present = torch.zeros(ids.shape[0], vocab, dtype=torch.bool)
+        present.scatter_(1, ids.clamp(0, vocab - 1), True)
+        seen += present.sum(dim=0)
+    return seen.float() / max(n, 1)
+
+
+def _most_frequent_word(ids: torch.Tensor, ban: torch.Tensor, vocab: int) -> int:
+    """The most frequent non-special token of the probe: a real word to linearise around."""
+    counts = torch.bincount(ids.flatten(), minlength=vocab)
+    if ban.numel():
+        counts[ban] = 0
+    return int(counts.argmax())
 
 
 def _project(delta: torch.Tensor, radius: float) -> None:
@@ -191,8 +462,22 @@ def dam(
     unlabeled: Mapping[str, Examples],
     spec: DamSpec,
     on_step: Callable[[int, dict], None] | None = None,
+    special_ids: Sequence[int] = (),
+    unk_id: int = -1,
 ) -> DamResult:
     """Learn DAM's dual masks (and, over AdaMerging, λ) on unlabeled inputs of every task.
+
+    With ``spec.trigger == "token"`` the simulated triggers are words found by
+    :func:`find_triggers` on the initial merge (masks all ones) for every task: words that flip
+    at least ``flip_threshold`` of its probe inputs to one class. Only tasks with such a word get
+    the safety loss (a clean merge keeps M_b = 1: the detection mask is never updated without a
+    suspect), L_safe = Σ_t CE(f_t(x ⊕ w_t; θ), ŷ_t(x)) with the word's embedding read from θ.
+    Trigger words that occur in at most ``max_frequency`` of the unlabeled texts are also
+    **quarantined**: their word-embedding rows in the merged encoder are replaced by the
+    unknown token's (``unk_id``; a zero row without one). Masks act on τ only, and each task
+    keeps its own expert's classification head — a head fine-tuned on poisoned data keeps the
+    backdoor on θ_0's own embedding of the trigger (measured: the base encoder with the
+    poisoned head still has ASR 0.90), so only changing what the word reads as removes it.
 
     Args:
         fm: The functional merge over θ_0 and every task vector; ``task`` block scheme.
@@ -201,6 +486,10 @@ def dam(
         unlabeled: Task → inputs (labels never read).
         spec: Hyper-parameters.
         on_step: Called with (step, {losses}) after every step.
+        special_ids: Token ids the ``token`` inversion never proposes (the tokenizer's special
+            tokens).
+        unk_id: The tokenizer's unknown-token id; quarantined rows take its embedding (``-1``:
+            a zero row).
 
     Returns:
         :class:`DamResult` with α (T × 1), the combined binary mask and per-step losses.
@@ -246,6 +535,32 @@ def dam(
         (g,) = torch.autograd.grad(loss, a)
         return (alpha0 - spec.lr * g.sign()).clamp(0.0, 1.0).detach()
 
+    found: dict[str, list[TokenTrigger]] = {}
+    quarantine = None
+    if spec.trigger == "token":
+        with torch.no_grad():
+            enc0 = fm.merged(alpha0, {k: torch.ones_like(v) for k, v in logits_s.items()})
+        for t in tasks:
+            n = min(spec.probe_size, len(unlabeled[t]))
+            probe = unlabeled[t].batch(torch.arange(n), fm.device)[0]
+            found[t] = find_triggers(
+                models[t],
+                prefix,
+                enc0,
+                probe,
+                emb_key,
+                fm.stacked[emb_key][fm.tasks.index(t)],
+                spec.candidates,
+                spec.flip_threshold,
+                special_ids,
+            )
+        del enc0
+        freq = text_frequency(unlabeled, fm.base[emb_key].shape[0])
+        words = sorted({tr.token_id for trs in found.values() for tr in trs})
+        rows = [w for w in words if float(freq[w]) <= spec.max_frequency]
+        quarantine = Quarantine(key=emb_key, rows=tuple(rows), source=unk_id)
+    suspects = {t: trs[0] for t, trs in found.items() if trs}
+
     losses: list[float] = []
     history: list[dict] = []
     for step in range(1, spec.steps + 1):
@@ -256,22 +571,36 @@ def dam(
         )
         mask = combined(ms, mb)
         alpha = inner_alpha(mask, batches)
-        # (2) simulated trigger: one ascent step on the prediction change, weights detached.
+        # (2) simulated trigger: one ascent step on the prediction change, weights detached
+        # ("soft"), or the words found before the loop ("token").
         with torch.no_grad():
             enc_fixed = fm.merged(alpha, {k: v.detach() for k, v in mask.items()})
-        clean_pred, adv = trigger_ascent_step(
-            models, prefix, enc_fixed, batches, delta, emb_key, opt_d, radius
-        )
+        if spec.trigger == "soft":
+            clean_pred, adv = trigger_ascent_step(
+                models, prefix, enc_fixed, batches, delta, emb_key, opt_d, radius
+            )
+        else:
+            with torch.no_grad():
+                clean_pred = {
+                    t: functional_logits(models[t], prefix, enc_fixed, batches[t]).argmax(-1)
+                    for t in suspects
+                }
+            adv = torch.tensor(float(sum(tr.flip_rate for tr in suspects.values())))
         del enc_fixed
-        # (3) alternating mask step.
-        detect_step = step % 2 == 0
+        # (3) alternating mask step (no detection step without a suspect in "token" mode).
+        detect_step = step % 2 == 0 and (spec.trigger == "soft" or bool(suspects))
         enc = fm.merged(alpha, mask)
         perf = safe = 0.0
         for t, x in batches.items():
             logits = functional_logits(models[t], prefix, enc, x)
             perf = perf + entropy(logits)
-            if detect_step:
+            if detect_step and spec.trigger == "soft":
                 trig = triggered_logits(models[t], prefix, enc, x, delta[t].detach(), emb_key)
+                safe = safe + F.cross_entropy(trig, clean_pred[t])
+            elif detect_step and t in suspects:
+                trig = functional_logits(
+                    models[t], prefix, enc, insert_token(x, suspects[t].token_id)
+                )
                 safe = safe + F.cross_entropy(trig, clean_pred[t])
         loss = (perf + spec.adv_weight * safe) / len(tasks)
         if not torch.isfinite(loss):
@@ -326,4 +655,6 @@ def dam(
         shared_density=density(final_s),
         detection_density=density(final_b),
         history=history,
+        triggers=found,
+        quarantine=quarantine,
     )
