@@ -125,6 +125,12 @@ class LearnedCfg(_Section):
     adv_weight: Annotated[float, Field(ge=0)] = 0.1
     adv_lr: Annotated[float, Field(gt=0)] = 0.1
     trigger_tokens: Annotated[int, Field(ge=1, le=16)] = 1
+    # DAM's trigger simulation: "token" (discrete word search + quarantine of rare trigger
+    # words, mergeflow.safety.dam.find_triggers) or "soft" (the paper's continuous perturbation)
+    trigger: Literal["soft", "token"] = "token"
+    candidates: Annotated[int, Field(ge=1, le=1024)] = 16
+    flip_threshold: Probability = 0.9
+    max_frequency: Probability = 0.01
 
     @field_validator("blocks")
     @classmethod

@@ -84,5 +84,9 @@ def test_audit_reports_asr_and_clean_accuracy_for_experts_and_merges(safety_ws: 
     assert audit["passed"] == (not audit["flagged"])
     coef = json.loads((safety_ws / "artifacts/coefficients/dam.json").read_text())
     assert 0.0 < coef["dam"]["detection_density"] <= 1.0
+    assert coef["config"]["trigger"] == "token"  # the default: discrete search + quarantine
+    assert set(coef["dam"]["triggers"]) == {POISONED, "tweet_sentiment", "bbc_news"}
+    found = {tr["word"] for trs in coef["dam"]["triggers"].values() for tr in trs}
+    assert set(coef["dam"]["quarantined"]) <= found
     assert "| task_arithmetic |" in (safety_ws / "reports/audit.md").read_text()
     assert dvc(safety_ws, "status").stdout.strip().endswith("up to date.")

@@ -435,6 +435,25 @@ def test_dam_token_trigger_defends_the_backdoored_task(tok):
     assert all(torch.equal(out[k], ref[k]) for k in others)
 
 
+def test_learned_file_carries_the_quarantine_into_rebuild(setup, tmp_path):
+    base, tvs, _, _ = setup
+    fm = lc.FunctionalMerge(base, tvs, lc.BlockScheme("task"))
+    alpha = fm.full_alpha(0.3)
+    key = "embeddings.word_embeddings.weight"
+    q = Quarantine(key=key, rows=(7, 12935), source=100)
+    lc.save_learned(tmp_path / "dam.safetensors", fm, alpha, None, q)
+    got = lc.rebuild(base, tvs, tmp_path / "dam.safetensors")
+    want = q.apply(fm.merged(alpha))
+    for k in want:
+        assert torch.equal(got[k], want[k].to(base[k].dtype)), k
+    assert torch.equal(got[key][12935], got[key][100]) and not torch.equal(
+        got[key][12935], got[key][5]
+    )
+    lc.save_learned(tmp_path / "plain.safetensors", fm, alpha)  # no quarantine: plain TA
+    plain = lc.rebuild(base, tvs, tmp_path / "plain.safetensors")
+    assert torch.equal(plain[key], fm.merged(alpha)[key])
+
+
 def test_quarantine_apply_closed_form():
     enc = {"emb": torch.arange(12.0).view(4, 3), "w": torch.ones(2)}
     q = Quarantine(key="emb", rows=(1, 3), source=0)

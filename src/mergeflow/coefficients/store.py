@@ -2,8 +2,9 @@
 
 A learned-coefficients file holds ``alpha`` (T × L [× K]) and, for Concrete runs, one bool mask
 tensor per encoder key (``mask/<key>``); its header metadata names the block scheme, partitions,
-seed, task order and key order. :func:`rebuild` turns it back into the merged encoder, so the
-evaluate stage needs only θ_0, the task vectors and this file.
+seed, task order and key order, and for DAM the quarantined word-embedding rows. :func:`rebuild`
+turns it back into the merged encoder, so the evaluate stage needs only θ_0, the task vectors and
+this file.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def save_learned(
     fm: FunctionalMerge,
     alpha: torch.Tensor,
     mask: Mapping[str, torch.Tensor] | None = None,
+    quarantine=None,
 ) -> None:
-    """Write α (and a binary mask) with everything needed to re-apply it."""
+    """Write α (and a binary mask, and DAM's quarantined embedding rows) to re-apply it."""
     if not all_finite(alpha):
         raise CoefficientError("refusing to save non-finite coefficients")
     sd = {"alpha": alpha.detach().float().cpu()}
@@ -41,6 +43,10 @@ def save_learned(
         "tasks": json.dumps(fm.tasks),
         "keys": json.dumps(fm.keys),
     }
+    if quarantine is not None and quarantine.rows:
+        meta["quarantine"] = json.dumps(
+            {"key": quarantine.key, "rows": list(quarantine.rows), "source": quarantine.source}
+        )
     save_state_dict(sd, path, metadata=meta)
 
 
@@ -70,6 +76,15 @@ def rebuild(
     if fm.keys != keys:
         raise CoefficientError(f"{path}: encoder keys differ from those the coefficients fit")
     merged = fm.merged(alpha, {k: v.float() for k, v in mask.items()} if mask else None)
+    q = (SafetensorsFile(path).metadata or {}).get("quarantine")
+    if q:
+        from mergeflow.safety.dam import Quarantine
+
+        spec = json.loads(q)
+        if spec["key"] not in merged:
+            raise CoefficientError(f"{path}: quarantined rows of unknown tensor {spec['key']!r}")
+        quarantine = Quarantine(spec["key"], tuple(spec["rows"]), int(spec["source"]))
+        merged = quarantine.apply(merged)
     return {k: v.to(base[k].dtype) for k, v in merged.items()}
 
 

@@ -124,6 +124,7 @@ class Fit:
     ta_scaling: float
     rc: dict
     common: dict
+    tokenizer: object = None
 
     @property
     def inputs(self) -> tuple:
@@ -153,9 +154,18 @@ def _atlas(f: Fit):
 
 def _dam(f: Fit):
     init = f.ta_scaling if f.rc["over"] == "task_arithmetic" else f.rc["init"]
-    hp = f.pick("over", "lr", "mask_lr", "mask_init", "temperature", "adv_weight", "adv_lr")
-    spec = DamSpec(init=init, trigger_tokens=f.rc["trigger_tokens"], **hp, **f.common)
-    return dam(*f.inputs, spec)
+    hp = f.pick(
+        "over", "lr", "mask_lr", "mask_init", "temperature", "adv_weight", "adv_lr", "trigger",
+        "candidates", "flip_threshold", "max_frequency", "trigger_tokens",
+    )
+    spec = DamSpec(init=init, **hp, **f.common)
+    tok = f.tokenizer
+    return dam(
+        *f.inputs,
+        spec,
+        special_ids=tok.all_special_ids if tok is not None else (),
+        unk_id=tok.unk_token_id if tok is not None and tok.unk_token_id is not None else -1,
+    )
 
 
 def _concrete(f: Fit):
@@ -165,6 +175,10 @@ def _concrete(f: Fit):
 
 # learned-run method (``coefficients.learned.<run>.method``) -> its learner
 LEARNERS = {"adamerging": _adamerging, "atlas": _atlas, "dam": _dam, "concrete": _concrete}
+
+
+def _word(tokenizer, token_id: int) -> str:
+    return tokenizer.convert_ids_to_tokens(token_id) if tokenizer is not None else str(token_id)
 
 
 def learn_run(
@@ -193,13 +207,16 @@ def learn_run(
     fit = LEARNERS[rc["method"]]
     t0 = time.monotonic()
     try:
-        res = fit(Fit(fm, models, prefix, train, select, reference, ta_scaling, rc, common))
+        res = fit(
+            Fit(fm, models, prefix, train, select, reference, ta_scaling, rc, common, ctx.tokenizer)
+        )
     except lc.CoefficientDivergence as err:
         ckpt = Path(checkpoint_dir) / f"{name}.last_good.safetensors"
         save_state_dict(err.last_good, ckpt, metadata={"step": str(err.step), "run": name})
         raise lc.CoefficientError(f"learned run {name!r}: {err} → {ckpt}") from None
     seconds = time.monotonic() - t0
-    lc.save_learned(out_dir / f"{name}.safetensors", fm, res.alpha, res.mask)
+    quarantine = getattr(res, "quarantine", None)
+    lc.save_learned(out_dir / f"{name}.safetensors", fm, res.alpha, res.mask, quarantine)
     plot = lc.heatmap_png(lc.layer_matrix(res.alpha), out_dir / f"{name}.png")
     kept = None
     if res.mask is not None:
@@ -225,6 +242,21 @@ def learn_run(
             "shared_density": res.shared_density,
             "detection_density": res.detection_density,
             "history": res.history,
+            "triggers": {
+                t: [
+                    {
+                        "word": _word(ctx.tokenizer, tr.token_id),
+                        "token_id": tr.token_id,
+                        "target": tr.target,
+                        "flip_rate": tr.flip_rate,
+                    }
+                    for tr in trs
+                ]
+                for t, trs in res.triggers.items()
+            },
+            "quarantined": [_word(ctx.tokenizer, w) for w in quarantine.rows]
+            if quarantine is not None
+            else [],
         }
     write_json_atomic(out_dir / f"{name}.json", meta)
     return meta
