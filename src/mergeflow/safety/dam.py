@@ -286,16 +286,8 @@ def invert_token_trigger(
         sub = _rows(inputs, idx)
         at, tried = start, torch.zeros(emb.shape[0], dtype=torch.bool, device=emb.device)
         for _ in range(rounds):
-            e0 = emb[at].unsqueeze(0).clone().requires_grad_(True)
-            logp = F.log_softmax(triggered_logits(model, prefix, enc, sub, e0, emb_key), dim=-1)
-            (g,) = torch.autograd.grad(logp[:, c].mean(), e0)
-            with torch.no_grad():
-                score = emb @ g[0]
-                score[tried] = float("-inf")
-                if ban.numel():
-                    score[ban] = float("-inf")
-                words = score.topk(min(candidates, score.numel())).indices
-                tried[words] = True
+            words = _hotflip_words(model, prefix, enc, sub, emb_key, c, at, candidates, ban, tried)
+            tried[words] = True
             rates, prob = _flip_rates(model, prefix, enc, sub, words, c)
             j = int((rates + 1e-3 * prob).argmax())  # ties in the rate: the surer flip
             key = (float(rates[j]), float(prob[j]))
