@@ -32,6 +32,13 @@ objective L_total = L_perf + β·L_safe optimized alternately:
    instead; a backdoored model is confidently wrong on triggered inputs, so we use the
    consistency form, which the paper's "safety" loss describes.)
 
+For text, ``trigger="token"`` (the pipeline's default) replaces the soft trigger by a discrete
+search: :func:`find_triggers` looks for single words that flip a task's predictions (gradient
+candidates and the most-changed rows of each expert's τ on the word embeddings), the safety loss
+uses the word found, and trigger words rare in the clean texts are quarantined (their embedding
+rows read as the unknown token) — the step that removes a backdoor kept by a poisoned expert's
+own classification head, which masks on τ cannot reach (docs/benchmarks.md, "Merge safety").
+
 The final masks are binary, 1[ℓ_s > 0]·1[ℓ_b > 0] (the repo's Concrete convention; the official
 code evaluates a continuous mask rescaled by its mean), stored as one shared mask so
 :func:`mergeflow.coefficients.rebuild` re-applies DAM like any learned merge.
@@ -381,11 +388,12 @@ def text_frequency(unlabeled: Mapping[str, Examples], vocab: int) -> torch.Tenso
     seen = torch.zeros(vocab, dtype=torch.long)
     n = 0
     for ex in unlabeled.values():
-        ids = ex.inputs["input_ids"]
-        n += ids.shape[0]
-        present = torch.zeros(ids.shape[0], vocab, dtype=torch.bool)
-        present.scatter_(1, ids.clamp(0, vocab - 1), True)
-        seen += present.sum(dim=0)
+        all_ids = ex.inputs["input_ids"]
+        n += all_ids.shape[0]
+        for ids in all_ids.split(256):  # texts × vocab flags, 256 texts at a time
+            present = torch.zeros(ids.shape[0], vocab, dtype=torch.bool)
+            present.scatter_(1, ids.clamp(0, vocab - 1), True)
+            seen += present.sum(dim=0)
     return seen.float() / max(n, 1)
 
 
@@ -577,6 +585,7 @@ def dam(
                     t: functional_logits(models[t], prefix, enc_fixed, batches[t]).argmax(-1)
                     for t in suspects
                 }
+            # reported as "adv": the summed flip rate of the words in use
             adv = torch.tensor(float(sum(tr.flip_rate for tr in suspects.values())))
         del enc_fixed
         # (3) alternating mask step (no detection step without a suspect in "token" mode).
