@@ -31,6 +31,7 @@ from mergeflow.safety import (
     insert_trigger,
     invert_token_trigger,
     poison_split,
+    text_frequency,
     triggered_logits,
     triggered_test,
 )
@@ -452,6 +453,14 @@ def test_learned_file_carries_the_quarantine_into_rebuild(setup, tmp_path):
     lc.save_learned(tmp_path / "plain.safetensors", fm, alpha)  # no quarantine: plain TA
     plain = lc.rebuild(base, tvs, tmp_path / "plain.safetensors")
     assert torch.equal(plain[key], fm.merged(alpha)[key])
+
+
+def test_text_frequency_counts_texts_not_occurrences(tok):
+    a = lc.Examples(tok, ["cf cf film", "good film"], [0, 1], max_length=8).unlabeled()
+    b = lc.Examples(tok, ["bad", "film film film", "cf"], [0, 0, 1], max_length=8).unlabeled()
+    f = text_frequency({"a": a, "b": b}, tok.vocab_size)
+    ids = tok.convert_tokens_to_ids(["cf", "film", "good", "bad", "dull"])
+    assert [round(float(f[i]), 4) for i in ids] == [0.4, 0.6, 0.2, 0.2, 0.0]
 
 
 def test_quarantine_apply_closed_form():

@@ -22,6 +22,7 @@ from mergeflow.safety.dam import (
     find_triggers,
     insert_token,
     invert_token_trigger,
+    text_frequency,
     triggered_logits,
 )
 from mergeflow.safety.poison import PoisonSpec, insert_trigger, poison_split, triggered_test
@@ -45,6 +46,7 @@ __all__ = [
     "poison_split",
     "somf",
     "somf_merged",
+    "text_frequency",
     "triggered_logits",
     "triggered_test",
 ]
