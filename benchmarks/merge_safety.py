@@ -12,6 +12,8 @@ finetune → task_vectors; a ``--keep`` directory is reused, so a second run onl
   |τ| removed) with the scaling λ picked on the clean validation split (the pipeline's grid);
 - DAM (:mod:`mergeflow.safety.dam`) over task arithmetic at TA's λ, its masks learned on the
   unlabeled clean test inputs (the defender knows neither trigger nor poisoned task);
+  ``--dam-trigger token`` (the pipeline's default) searches trigger words instead of the paper's
+  soft trigger and quarantines rare ones; then a "quarantine over TA" row shows that step alone;
 - SOMF-style masking (:mod:`mergeflow.safety.somf`) of the poisoned expert's task vector only
   (suspect known, trigger unknown), same data and simulated trigger as DAM.
 
