@@ -22,7 +22,7 @@ from mergeflow.methods.pcb import PcbStats, merge_tensor
 from mergeflow.tensors import num_keep, per_task
 
 _F32 = torch.float32
-CHUNK = 1 << 20  # elements per chunk (16 MiB of float32 per row)
+CHUNK = 1 << 20  # elements per chunk (4 MiB of float32: a chunk step stays in the L3 cache)
 
 
 @dataclass
