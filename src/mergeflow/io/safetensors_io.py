@@ -170,6 +170,9 @@ class SafetensorsFile:
             # copy-on-write: writes to a returned tensor never reach the file
             with open(self._fpath, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if len(self._map) < size:  # replaced by a shorter file since the header was read
+                self._map.close()
+                raise CheckpointError(f"{self.path}: the file changed while it was being opened")
 
     def _parse_entry(
         self, name: str, info: object, size: int
