@@ -241,6 +241,22 @@ def _flip_rates(
     return rate, logits.softmax(-1)[..., target].mean(dim=1)
 
 
+def _probe(model, prefix, encoder, inputs, emb_key, exclude):
+    """Shared set-up of the trigger searches on one probe batch.
+
+    Returns:
+        (detached encoder, its word embeddings, banned ids, clean predictions, number of
+        classes, the probe's most frequent word to linearise around).
+    """
+    enc = {k: v.detach() for k, v in encoder.items()}
+    emb = enc[emb_key]
+    ban = torch.tensor(sorted(set(exclude)), dtype=torch.long, device=emb.device)
+    with torch.no_grad():
+        logits = functional_logits(model, prefix, enc, dict(inputs))
+    start = _most_frequent_word(inputs["input_ids"], ban, emb.shape[0])
+    return enc, emb, ban, logits.argmax(-1), logits.shape[-1], start
+
+
 def invert_token_trigger(
     model: torch.nn.Module,
     prefix: str,
@@ -277,13 +293,7 @@ def invert_token_trigger(
     Returns:
         :class:`TokenTrigger` (flip rate 0 if every input is predicted the same class).
     """
-    enc = {k: v.detach() for k, v in encoder.items()}
-    emb = enc[emb_key]
-    with torch.no_grad():
-        logits = functional_logits(model, prefix, enc, dict(inputs))
-    clean, n_cls = logits.argmax(-1), logits.shape[-1]
-    ban = torch.tensor(sorted(set(exclude)), dtype=torch.long, device=emb.device)
-    start = _most_frequent_word(inputs["input_ids"], ban, emb.shape[0])
+    enc, emb, ban, clean, n_cls, start = _probe(model, prefix, encoder, inputs, emb_key, exclude)
     best = TokenTrigger(token_id=-1, target=-1, flip_rate=0.0)
     best_key = (0.0, 0.0)
     for c in range(n_cls):
@@ -355,13 +365,7 @@ def find_triggers(
     Returns:
         Triggers, highest flip rate first.
     """
-    enc = {k: v.detach() for k, v in encoder.items()}
-    emb = enc[emb_key]
-    ban = torch.tensor(sorted(set(exclude)), dtype=torch.long, device=emb.device)
-    with torch.no_grad():
-        logits = functional_logits(model, prefix, enc, dict(inputs))
-    clean, n_cls = logits.argmax(-1), logits.shape[-1]
-    start = _most_frequent_word(inputs["input_ids"], ban, emb.shape[0])
+    enc, emb, ban, clean, n_cls, start = _probe(model, prefix, encoder, inputs, emb_key, exclude)
     rows = torch.empty(0, dtype=torch.long, device=emb.device)
     if tau_embedding is not None:
         norm = tau_embedding.detach().float().norm(dim=-1).to(emb.device)
