@@ -73,7 +73,17 @@ class FinetuneCfg(_Section):
     probe_epochs: PositiveInt = 100
     # resume point every N optimizer steps (0 = never); kept beside the output, not tracked by DVC
     checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    # validation accuracy every N steps; the best-scoring weights are kept (0 = off: final weights)
+    eval_every: Annotated[int, Field(ge=0)] = 0
+    # early stopping: stop after this many validation scores without improvement (0 = never)
+    patience: Annotated[int, Field(ge=0)] = 0
     lora: LoraCfg = LoraCfg()
+
+    @model_validator(mode="after")
+    def _patience_needs_eval(self) -> FinetuneCfg:
+        if self.patience and not self.eval_every:
+            raise ValueError("patience > 0 needs eval_every > 0 (early stopping scores validation)")
+        return self
 
 
 class MasksCfg(_Section):

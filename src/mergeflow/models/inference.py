@@ -97,3 +97,8 @@ class TaskModels:
     def accuracy(self, task: str, batches: Batches) -> float:
         """Accuracy of ``task``'s model on ``batches``."""
         return accuracy(self.models[task], batches, self.device)
+
+    def correct(self, task: str, batches: Batches) -> torch.Tensor:
+        """Per-text correctness (bool, rows in batch order) of ``task``'s model on ``batches``."""
+        pred, gold = predict(self.models[task], batches, self.device)
+        return pred == gold

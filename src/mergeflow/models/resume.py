@@ -6,11 +6,13 @@ previous point):
 - ``state.safetensors``: ``model.<name>`` (every tensor of ``model.state_dict()``),
   ``opt.<param index>.<key>`` (AdamW's ``step``/``exp_avg``/``exp_avg_sq``), ``rng.torch`` (the
   global CPU generator: dropout), ``rng.data`` (the data-order generator) and ``data.order``
-  (the current epoch's permutation);
+  (the current epoch's permutation) and, with validation during training, ``best.<name>`` (the
+  weights of the best validation score so far);
 - ``state.json``: the step, the position in the permutation, the loss curve so far, the probe's
-  accuracy, the optimizer's param groups and non-tensor state, the LR scheduler's state and a
-  ``fingerprint`` of everything the run depends on (params, data and base hashes). A point
-  whose fingerprint differs from the current run's is ignored, never resumed.
+  accuracy, the validation history and best step, the optimizer's param groups and non-tensor
+  state, the LR scheduler's state and a ``fingerprint`` of everything the run depends on (params,
+  data and base hashes). A point whose fingerprint differs from the current run's is ignored,
+  never resumed.
 
 Restoring it and continuing gives bit-identical weights to an uninterrupted run on the same
 hardware (CPU; CUDA kernels may be non-deterministic).
@@ -41,6 +43,9 @@ class TrainState:
     order: torch.Tensor
     losses: list[float] = field(default_factory=list)
     probe_train_accuracy: float | None = None
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    best: dict[str, torch.Tensor] | None = None  # weights of the best validation score so far
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:
@@ -69,12 +74,16 @@ def save(
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.data"] = data_gen.get_state()
     tensors["data.order"] = _cpu(state.order)
+    for k, v in (state.best or {}).items():
+        tensors[f"best.{k}"] = _cpu(v)
     meta = {
         "fingerprint": fingerprint,
         "step": state.step,
         "pos": state.pos,
         "losses": state.losses,
         "probe_train_accuracy": state.probe_train_accuracy,
+        "val_history": [[s, a] for s, a in state.val_history],
+        "best_step": state.best_step,
         "param_groups": osd["param_groups"],
         "opt_state_keys": {str(i): sorted(e) for i, e in osd["state"].items()},
         "opt_scalars": opt_scalars,
@@ -132,12 +141,16 @@ def load(
     sched.load_state_dict(meta["scheduler"])
     torch.set_rng_state(sd["rng.torch"])
     data_gen.set_state(sd["rng.data"])
+    best = {k.removeprefix("best."): v.to(device) for k, v in sd.items() if k.startswith("best.")}
     return TrainState(
         step=int(meta["step"]),
         pos=int(meta["pos"]),
         order=sd["data.order"],
         losses=[float(x) for x in meta["losses"]],
         probe_train_accuracy=meta.get("probe_train_accuracy"),
+        val_history=[(int(s), float(a)) for s, a in meta.get("val_history", [])],
+        best_step=meta.get("best_step"),
+        best=best or None,
     )
 
 

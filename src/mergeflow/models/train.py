@@ -19,7 +19,7 @@ from torch import nn
 
 from mergeflow.models import resume
 from mergeflow.models.hf import head_module
-from mergeflow.models.inference import Batches, tokenize
+from mergeflow.models.inference import Batches, accuracy, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ class TrainResult:
 
     losses: list[float] = field(default_factory=list)
     probe_train_accuracy: float | None = None
+    val_history: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int | None = None
+    steps_run: int = 0
 
 
 def _head_inputs(
@@ -104,6 +107,9 @@ def finetune(
     resume_dir: str | Path | None = None,
     checkpoint_every: int = 0,
     fingerprint: str = "",
+    val_batches: Batches | None = None,
+    eval_every: int = 0,
+    patience: int = 0,
 ) -> TrainResult:
     """Fine-tune every trainable parameter of ``model`` on (texts, labels).
 
@@ -132,10 +138,20 @@ def finetune(
             uninterrupted run.
         checkpoint_every: Write a resume point every this many steps (0: never).
         fingerprint: Identity of the run (params, data, base); a point of another run is ignored.
+        val_batches: Validation split; with ``eval_every`` > 0 the model is scored on it every
+            ``eval_every`` steps and after the last step, and the best-scoring weights (first
+            best on ties) are kept and restored at the end.
+        eval_every: Steps between validation scores (0: no validation, the final weights are kept).
+        patience: Early stopping (Prechelt, "Early Stopping — But When?", 1998): stop after this
+            many consecutive validation scores without a strict improvement (0: never stop early;
+            the best checkpoint is still kept).
 
     Returns:
-        The loss curve and the probe's training accuracy.
+        The loss curve, the probe's training accuracy, the validation history, the step whose
+        weights were kept and the number of steps run.
     """
+    if eval_every and val_batches is None:
+        raise ValueError("finetune: eval_every > 0 needs val_batches")
     device = torch.device(device)
     model.to(device)
     result = TrainResult()
@@ -156,6 +172,9 @@ def finetune(
         start, order, pos = restored.step, restored.order, restored.pos
         result.losses = restored.losses
         result.probe_train_accuracy = restored.probe_train_accuracy
+        result.val_history = list(restored.val_history)
+        result.best_step = restored.best_step
+        best_state = restored.best
         log.info("resuming from step %d of %d (%s)", start, steps, resume_dir)
     else:
         if head_init == "linear_probe":
@@ -166,9 +185,11 @@ def finetune(
             )
         torch.manual_seed(seed)
         start, order, pos = 0, torch.randperm(len(texts), generator=gen), 0
+        best_state = None
     enc = tokenizer(texts, truncation=True, max_length=max_length)
     y = torch.tensor(labels, dtype=torch.long)
     model.train()
+    step = start - 1
     for step in range(start, steps):
         if pos + batch_size > len(order):
             order, pos = torch.randperm(len(texts), generator=gen), 0
@@ -185,11 +206,35 @@ def finetune(
         sched.step()
         result.losses.append(float(out.loss.detach()))
         done = step + 1
+        stop = False
+        if eval_every and (done % eval_every == 0 or done == steps):
+            acc = accuracy(model, val_batches, device)
+            model.train()
+            result.val_history.append((done, acc))
+            if result.best_step is None or acc > dict(result.val_history)[result.best_step]:
+                result.best_step = done
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            stop = patience > 0 and _evals_since_best(result) >= patience
         due = checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps
-        if resume_dir is not None and due:
-            state = resume.TrainState(done, pos, order, result.losses, result.probe_train_accuracy)
+        if resume_dir is not None and due and not stop:
+            state = resume.TrainState(
+                done, pos, order, result.losses, result.probe_train_accuracy,
+                val_history=result.val_history, best_step=result.best_step, best=best_state,
+            )  # fmt: skip
             resume.save(resume_dir, fingerprint, state, model, opt, sched, gen)
         if progress:
             progress(step, result.losses[-1])
+        if stop:
+            log.info("early stop after step %d: best validation at step %d", done, result.best_step)
+            break
+    result.steps_run = step + 1
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.eval()
     return result
+
+
+def _evals_since_best(result: TrainResult) -> int:
+    """Validation scores recorded after the best one."""
+    steps = [s for s, _ in result.val_history]
+    return len(steps) - 1 - steps.index(result.best_step)

@@ -62,7 +62,23 @@ class MergeContext:
         tasks: list[str] | None = None,
         features: dict[str, list[torch.Tensor]] | None = None,
     ) -> dict[str, float]:
-        """Accuracy per task with ``encoder`` under every task's own head.
+        """Accuracy per task with ``encoder`` under every task's own head (see :meth:`correct`)."""
+        return {
+            t: float(c.float().mean()) if len(c) else float("nan")
+            for t, c in self.correct(encoder, batches, tasks, features).items()
+        }
+
+    def correct(
+        self,
+        encoder: dict[str, torch.Tensor],
+        batches: dict[str, Batches],
+        tasks: list[str] | None = None,
+        features: dict[str, list[torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-text correctness per task with ``encoder`` under every task's own head.
+
+        Rows are in batch order, the same for every encoder scored on the same ``batches``, so
+        two models' vectors pair text by text (paired bootstrap, :mod:`mergeflow.stats`).
 
         Args:
             encoder: Encoder weights.
@@ -74,7 +90,7 @@ class MergeContext:
         tasks = tasks or self.tasks
         self.models.set_encoder(encoder, tasks)
         if features is None:
-            return {t: self.models.accuracy(t, batches[t]) for t in tasks}
+            return {t: self.models.correct(t, batches[t]) for t in tasks}
         from mergeflow.compression.twin import mean_pool
 
         out = {}
@@ -88,7 +104,7 @@ class MergeContext:
 
             hook = model.base_model.register_forward_hook(pool)
             try:
-                out[t] = self.models.accuracy(t, batches[t])
+                out[t] = self.models.correct(t, batches[t])
             finally:
                 hook.remove()
         return out
@@ -132,11 +148,13 @@ class MergeContext:
         :meth:`score` of the same weights); computed here otherwise.
 
         Returns:
-            ``{"accuracy": {task: acc}, "routing_accuracy": {task: share routed to itself}}``.
+            ``{"accuracy": {task: acc}, "correct": {task: per-text bool, batch order},
+            "routing_accuracy": {task: share routed to itself}}``.
         """
-        acc, routed_ok = {}, {}
+        acc, routed_ok, per_text = {}, {}, {}
         for i, t in enumerate(self.tasks):
-            correct = n = self_routed = 0
+            n = self_routed = 0
+            rows: list[torch.Tensor] = []
             for j, b in enumerate(batches[t]):
                 feats = features[t][j] if features else self.pooled_features(model.shared, [b])
                 probs = model.route(feats)
@@ -149,11 +167,14 @@ class MergeContext:
                     groups = [(model.expert(model.tasks[r]), idx) for r, idx in groups if len(idx)]
                 else:
                     groups = [(model.mixture(p), torch.tensor([j])) for j, p in enumerate(probs)]
+                ok = torch.zeros(len(b.labels), dtype=torch.bool)
                 for weights, idx in groups:
                     self.models.set_encoder(weights, [t])
                     inputs = {k: v[idx].to(self.models.device) for k, v in b.inputs.items()}
                     pred = self.models.models[t](**inputs).logits.argmax(-1).cpu()
-                    correct += int((pred == b.labels[idx]).sum())
+                    ok[idx] = pred == b.labels[idx]
+                rows.append(ok)
                 n += len(b.labels)
-            acc[t], routed_ok[t] = correct / n, self_routed / n
-        return {"accuracy": acc, "routing_accuracy": routed_ok}
+            per_text[t] = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.bool)
+            acc[t], routed_ok[t] = float(per_text[t].float().mean()), self_routed / n
+        return {"accuracy": acc, "correct": per_text, "routing_accuracy": routed_ok}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mergeflow import compression, methods
+from mergeflow import compression, methods, stats
 from mergeflow.coefficients import rebuild
 from mergeflow.compression import twin
 from mergeflow.config import Params
@@ -55,31 +55,102 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
     )
 
 
-def summarize(per_task: dict[str, dict[str, float]], expert: dict[str, float]) -> dict:
-    """Absolute and normalized accuracy per task and their means, per row (method)."""
+def summarize(
+    correct: dict[str, dict[str, torch.Tensor]], *, samples: int = 2000, seed: int = 0
+) -> dict:
+    """Accuracy per task and its means per row (method), each with its 95 % interval.
+
+    Args:
+        correct: Row -> task -> per-text correctness, every row in the same text order; must
+            hold an ``expert`` row (normalized accuracy = accuracy ÷ the task's expert's).
+        samples: Bootstrap replicates (:func:`mergeflow.stats.bootstrap`).
+        seed: Seed of the bootstrap.
+
+    Returns:
+        Row -> ``mean_accuracy``, ``mean_normalized``, ``accuracy`` and ``normalized`` per task,
+        ``accuracy_ci`` (Wilson) and ``n_test`` per task, ``mean_accuracy_ci`` and
+        ``mean_normalized_ci`` (bootstrap), and ``paired``: other row -> ``diff``, ``ci`` and
+        ``within_noise`` of (this row's mean normalized − the other's) over the same texts.
+    """
+    boot = stats.bootstrap(correct, reference="expert", samples=samples, seed=seed)
+    expert = {t: int(c.sum()) / c.numel() for t, c in correct["expert"].items()}
     out = {}
-    for row, accs in per_task.items():
+    for row, per_task in correct.items():
+        n = {t: int(c.numel()) for t, c in per_task.items()}
+        hits = {t: int(c.sum()) for t, c in per_task.items()}
+        accs = {t: hits[t] / n[t] for t in per_task}
         norm = {t: (a / expert[t] if expert[t] > 0 else float("nan")) for t, a in accs.items()}
         out[row] = {
             "mean_accuracy": sum(accs.values()) / len(accs),
             "mean_normalized": sum(norm.values()) / len(norm),
             "accuracy": accs,
             "normalized": norm,
+            "accuracy_ci": {t: list(stats.wilson(hits[t], n[t])) for t in per_task},
+            "n_test": n,
+            "mean_accuracy_ci": boot.interval(row),
+            "mean_normalized_ci": boot.interval(row, normalized=True),
+        }
+    for row, s in out.items():
+        s["paired"] = {
+            other: {"diff": s["mean_normalized"] - o["mean_normalized"]}
+            | boot.paired(row, other)
+            for other, o in out.items()
+            if other != row
         }
     return out
 
 
 def markdown_table(summary: dict, tasks: list[str]) -> str:
-    """A markdown table: one row per model, accuracy per task, mean absolute and normalized."""
-    head = "| model | " + " | ".join(tasks) + " | mean acc | mean normalized |\n"
+    """Markdown: one row per model, accuracy per task with its 95 % interval, and the means."""
+    n = next(iter(summary.values()))["n_test"]
+    head = (
+        "| model | "
+        + " | ".join(f"{t} (n={n[t]})" for t in tasks)
+        + " | mean acc | mean normalized |\n"
+    )
     head += "|---" * (len(tasks) + 3) + "|\n"
+
+    def cell(v: float, ci: list[float]) -> str:
+        return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
     lines = [
         f"| {row} | "
-        + " | ".join(f"{s['accuracy'][t]:.3f}" for t in tasks)
-        + f" | {s['mean_accuracy']:.3f} | {s['mean_normalized']:.3f} |"
+        + " | ".join(cell(s["accuracy"][t], s["accuracy_ci"][t]) for t in tasks)
+        + f" | {cell(s['mean_accuracy'], s['mean_accuracy_ci'])}"
+        + f" | {cell(s['mean_normalized'], s['mean_normalized_ci'])} |"
         for row, s in summary.items()
     ]
     return head + "\n".join(lines) + "\n"
+
+
+def comparisons_markdown(summary: dict, merges: list[str]) -> str:
+    """The best single merged model against every other merge: paired intervals, noise called.
+
+    Args:
+        summary: :func:`summarize` output.
+        merges: Rows that are one set of merged weights for all tasks (methods, learned runs).
+
+    Returns:
+        A markdown section (empty when there are fewer than two merges).
+    """
+    merges = [m for m in merges if m in summary]
+    if len(merges) < 2:
+        return ""
+    best = max(merges, key=lambda m: summary[m]["mean_normalized"])
+    out = (
+        f"\n## Which merge to ship\n\nBest single merged model: **{best}** "
+        f"(mean normalized {summary[best]['mean_normalized']:.3f}). Difference in mean "
+        "normalized accuracy against each other merge, with its 95 % paired bootstrap interval "
+        "over the same test texts; an interval that contains 0 means the test sets cannot tell "
+        "the two apart.\n\n| other | difference | 95 % interval | verdict |\n|---|---:|---|---|\n"
+    )
+    for m in sorted(merges, key=lambda m: -summary[m]["mean_normalized"]):
+        if m == best:
+            continue
+        p = summary[best]["paired"][m]
+        verdict = "within noise" if p["within_noise"] else f"{best} better"
+        out += f"| {m} | {p['diff']:+.3f} | [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] | {verdict} |\n"
+    return out
 
 
 PARETO_COLUMNS = (
@@ -165,30 +236,30 @@ def run(cfg: Params, paths: Paths) -> dict:
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     test = ctx.batches(paths.data, "test")
     coef = json.loads((Path(paths.coefficients) / "coefficients.json").read_text())
-    rows: dict[str, dict[str, float]] = {"expert": {}, "tall_masks": {}}
+    rows: dict[str, dict[str, torch.Tensor]] = {"expert": {}, "tall_masks": {}}
     for t in ctx.tasks:
         d = Path(paths.experts) / t
-        rows["expert"][t] = ctx.score(load_expert(d, expert_prefix(d))[0], test, [t])[t]
+        rows["expert"][t] = ctx.correct(load_expert(d, expert_prefix(d))[0], test, [t])[t]
         tall = compression.load(paths.compressed, t, base=paths.base)[0]
-        rows["tall_masks"][t] = ctx.score(tall, test, [t])[t]
+        rows["tall_masks"][t] = ctx.correct(tall, test, [t])[t]
     cons_dir = Path(paths.tall_consensus) / "archive"
     if cons_dir.is_dir():
         rows["tall_consensus"] = {
-            t: ctx.score(compression.load(cons_dir, t, base=paths.base)[0], test, [t])[t]
+            t: ctx.correct(compression.load(cons_dir, t, base=paths.base)[0], test, [t])[t]
             for t in ctx.tasks
         }
     lego_dir = Path(paths.lora_lego) / "adapter"
     if lego_dir.is_dir():
         prefix = expert_prefix(Path(paths.experts) / ctx.tasks[0])
         delta = lora_delta(*read_adapter(lego_dir), prefix)
-        rows["lora_lego"] = ctx.score(
+        rows["lora_lego"] = ctx.correct(
             {
                 k: (v.float() + delta[k]).to(v.dtype) if k in delta else v
                 for k, v in ctx.base.items()
             },
             test,
         )
-    rows["base"] = ctx.score(ctx.base, test)
+    rows["base"] = ctx.correct(ctx.base, test)
     twin_model = twin.TwinModel(paths.twin)
     rows["twin_merging"] = {}  # scored below, with the router features of its shared merge's row
     twin_feats: dict | None = None
@@ -202,15 +273,17 @@ def run(cfg: Params, paths: Paths) -> dict:
             )
         shared = twin_feats is None and same_weights(merged, twin_model.shared)
         feats: dict | None = {} if shared else None
-        rows[name] = ctx.score(merged, test, features=feats)
+        rows[name] = ctx.correct(merged, test, features=feats)
         twin_feats = feats if shared else twin_feats
     twin_scores = ctx.score_twin(
         twin_model, test, twin_model.manifest.get("routing", "top1"), features=twin_feats
     )
-    rows["twin_merging"] = twin_scores["accuracy"]
-    summary = summarize(rows, rows["expert"])
+    rows["twin_merging"] = twin_scores["correct"]
+    summary = summarize(rows, seed=cfg.seed)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["model", "task", "accuracy", "normalized"])
+    w = csv.DictWriter(
+        buf, fieldnames=["model", "task", "accuracy", "normalized", "ci_low", "ci_high", "n_test"]
+    )
     w.writeheader()
     for row, s in summary.items():
         for t in ctx.tasks:
@@ -220,6 +293,9 @@ def run(cfg: Params, paths: Paths) -> dict:
                     "task": t,
                     "accuracy": round(s["accuracy"][t], 4),
                     "normalized": round(s["normalized"][t], 4),
+                    "ci_low": round(s["accuracy_ci"][t][0], 4),
+                    "ci_high": round(s["accuracy_ci"][t][1], 4),
+                    "n_test": s["n_test"][t],
                 }
             )
     sizes = json.loads(Path(paths.compress_metrics).read_text())
@@ -233,7 +309,10 @@ def run(cfg: Params, paths: Paths) -> dict:
         f"scalings chosen on validation: "
         + ", ".join(f"{m} λ={c['scaling']}" for m, c in coef.items())
         + ").\n\n"
+        + "Each cell: accuracy and its 95 % Wilson interval on the task's n test texts; means "
+        "with 95 % bootstrap intervals; normalized = accuracy ÷ the task's expert's.\n\n"
         + markdown_table(summary, ctx.tasks)
+        + comparisons_markdown(summary, list(coef))
         + "\n## Accuracy per byte\n\nBytes on disk of each stored form against keeping every "
         f"expert ({sizes['bytes_experts'] / 1e6:.1f} MB for {len(ctx.tasks)} tasks; a merged model "
         f"is {sizes['bytes_merged'] / 1e6:.1f} MB). Plot: `dvc plots show plots/pareto.csv`.\n\n"

@@ -85,6 +85,9 @@ def run(cfg: Params, paths: Paths) -> dict:
         tags={"task": paths.task},
     ) as tr:
         bar = tqdm(total=ft.steps, desc=f"finetune {paths.task}", unit="step")
+        val_batches = tokenize(
+            tok, vtexts, vlabels, max_length=cfg.base_model.max_length, batch_size=64
+        )
         res = finetune(
             trained,
             tok,
@@ -104,10 +107,15 @@ def run(cfg: Params, paths: Paths) -> dict:
             resume_dir=resume_dir(paths.out),
             checkpoint_every=ft.checkpoint_every,
             fingerprint=run_fingerprint(cfg, paths),
+            val_batches=val_batches,
+            eval_every=ft.eval_every,
+            patience=ft.patience,
         )
         bar.close()
         for i, loss in enumerate(res.losses):
             tr.metrics({"train_loss": loss}, step=i)
+        for step, acc in res.val_history:
+            tr.metrics({"val_accuracy_during_training": acc}, step=step)
         with atomic_dir(paths.out) as tmp:
             if ft.mode == "lora":
                 trained.save_pretrained(tmp / "adapter", safe_serialization=True)
@@ -116,11 +124,7 @@ def run(cfg: Params, paths: Paths) -> dict:
             check_finite(model.state_dict(), f"expert {paths.task} after training")
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
-            val_acc = accuracy(
-                model.to(cfg.device),
-                tokenize(tok, vtexts, vlabels, max_length=cfg.base_model.max_length, batch_size=64),
-                cfg.device,
-            )
+            val_acc = accuracy(model.to(cfg.device), val_batches, cfg.device)
             write_json_atomic(
                 tmp / "expert.json",
                 {
@@ -129,12 +133,17 @@ def run(cfg: Params, paths: Paths) -> dict:
                     "mode": ft.mode,
                     "label_names": list(names),
                     "val_accuracy": val_acc,
+                    "best_step": res.best_step if res.best_step is not None else res.steps_run,
+                    "steps_run": res.steps_run,
+                    "val_history": [[s, a] for s, a in res.val_history],
                 },
             )
         metrics = {
             "val_accuracy": val_acc,
             "final_train_loss": res.losses[-1],
             "probe_train_accuracy": res.probe_train_accuracy,
+            "steps_run": res.steps_run,
+            "best_step": res.best_step if res.best_step is not None else res.steps_run,
         }
         write_json_atomic(paths.metrics, metrics)
         resume.discard(resume_dir(paths.out))
