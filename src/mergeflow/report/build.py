@@ -1,39 +1,49 @@
 """The team dashboard: one self-contained HTML page (inline CSS and SVG, no script, no network).
 
-Sections: the method × task accuracy tables (absolute and normalized), per-task bar charts, the
-size-vs-accuracy Pareto plot of stored forms, the validation search of the scaling λ, the learned
-coefficient heatmaps, the history of runs from MLflow and the lineage of the numbers shown. A
-section whose inputs are missing shows a notice saying what is missing and how to produce it.
+Sections: the method × task accuracy tables (absolute and normalized, with 95 % intervals and
+ties called where the difference is within noise), the best merge against every other method,
+per-task bar charts with error bars, the size-vs-accuracy Pareto plot of stored forms, the
+validation search of the scaling λ, the learned coefficient heatmaps, the history of runs from
+MLflow and the lineage of the numbers shown. A section whose inputs are missing shows a notice
+saying what is missing and how to produce it.
+
+This module gathers each section's data; :mod:`mergeflow.report.tables` builds the tables and
+calls what is within noise, :mod:`mergeflow.report.charts` draws the charts, and the Jinja2
+template ``templates/index.html.j2`` (autoescaped) lays out the page.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from html import escape
 from pathlib import Path
 from typing import Any
 
-from mergeflow.report import inputs, svg
+import jinja2
+from markupsafe import Markup, escape
+
+from mergeflow.report import charts, inputs
 from mergeflow.report.inputs import Evaluation, Missing
+from mergeflow.report.tables import Interval, comparisons, metric_tables, ordered_rows
 
 MODEL_NAME = "mergeflow-merged"
 # forms of plots/pareto.csv drawn in the colour of their row in metrics/eval.json
 FORM_ROWS = {"experts": "expert", "tall": "tall_masks", "twin": "twin_merging"}
-KIND_ORDER = {"reference": 0, "merge": 1, "compressed": 2}
+HISTORY_COLORS = {"best merge per run": "#4e79a7", "registered version": "#f28e2b",
+                  "champion (registered model)": "#59a14f"}
 
 
 @dataclass
 class Section:
-    """One part of the page."""
+    """One part of the page: what the template renders under its heading."""
 
     id: str
     title: str
-    body: str = ""
     notices: list[Missing] = field(default_factory=list)
-    intro: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,7 +51,7 @@ class Report:
     """The rendered page and what went into it."""
 
     html: str
-    figures: dict[str, str]  # figure id -> SVG
+    figures: dict[str, str]  # figure id -> standalone SVG document
     sections: list[Section]
     headline: list[dict[str, Any]]  # one row per model: the table for Prefect/MLflow
 
@@ -51,21 +61,22 @@ class Report:
         return [n for s in self.sections for n in s.notices]
 
 
-def _fmt(v: float | None, digits: int = 3) -> str:
-    return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+@dataclass(frozen=True)
+class Figure:
+    """A chart placed on the page (``<figure id="fig-<id>">``) with an optional caption."""
 
+    chart: charts.Chart
+    caption: str = ""
 
-def _mb(b: float) -> str:
-    return f"{b / 1e6:,.1f} MB"
+    @property
+    def id(self) -> str:
+        """The chart's id."""
+        return self.chart.id
 
-
-def ordered_rows(ev: Evaluation) -> list[str]:
-    """Rows grouped: references (expert, base), merges, compressed forms; stable within a group."""
-    ref = inputs.REFERENCE_ROWS
-    return sorted(
-        ev.rows,
-        key=lambda r: (KIND_ORDER[ev.kind(r)], ref.index(r) if r in ref else 0, list(ev.rows).index(r)),
-    )
+    @property
+    def svg(self) -> Markup:
+        """The inline ``<svg>`` (drawn here, so trusted markup)."""
+        return Markup(self.chart.inline)  # matplotlib's SVG, not user text
 
 
 def headline_rows(ev: Evaluation) -> list[dict[str, Any]]:
@@ -80,151 +91,77 @@ def headline_rows(ev: Evaluation) -> list[dict[str, Any]]:
         rec["mean accuracy"] = None if s["mean_accuracy"] is None else round(s["mean_accuracy"], 4)
         mn = s["mean_normalized"]
         rec["mean normalized"] = None if mn is None else round(mn, 4)
+        ci = s["mean_normalized_ci"]
+        if ci is not None:
+            rec["mean normalized 95% CI"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]"
         out.append(rec)
     return out
 
 
-def _table(
-    ev: Evaluation, key: str, mean_key: str, table_id: str, caption: str, pal: svg.Palette
-) -> str:
-    rows = ordered_rows(ev)
-    cols = [*ev.tasks, "mean"]
-
-    def value(r: str, c: str) -> float | None:
-        return ev.rows[r][mean_key] if c == "mean" else ev.rows[r][key].get(c)
-
-    best = {}
-    for c in cols:  # best non-expert value per column (the expert row is the reference)
-        vals = [value(r, c) for r in rows if r != "expert"]
-        vals = [v for v in vals if v is not None and math.isfinite(v)]
-        best[c] = max(vals) if vals else None
-    head = "".join(f"<th scope='col'>{escape(c)}</th>" for c in cols)
-    body = []
-    for r in rows:
-        cells = []
-        for c in cols:
-            v = value(r, c)
-            is_best = r != "expert" and v is not None and best[c] is not None and v == best[c]
-            cls = ' class="best"' if is_best else ""
-            cells.append(f"<td{cls}>{_fmt(v)}</td>")
-        kind = ev.kind(r)
-        body.append(
-            f'<tr class="kind-{kind}" data-model="{escape(r)}"><th scope="row">'
-            f'<span class="swatch" style="background:{pal(r)}"></span>{escape(r)}</th>'
-            f'<td class="kind">{kind}</td>{"".join(cells)}</tr>'
-        )
-    return (
-        f'<table id="{table_id}" class="metrics"><caption>{caption}</caption>'
-        f"<thead><tr><th scope='col'>model</th><th scope='col'>kind</th>{head}</tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table>"
-    )
-
-
-
-def _figure(fig_id: str, chart: str, figures: dict[str, str], caption: str = "") -> str:
-    figures[fig_id] = chart
-    cap = f"<figcaption>{caption}</figcaption>" if caption else ""
-    return f'<figure class="fig" id="fig-{escape(fig_id)}">{chart}{cap}</figure>'
-
-
-def _notice(n: Missing) -> str:
-    fix = f" <span class='fix'>→ {_md_code(n.fix)}</span>" if n.fix else ""
-    return (
-        f'<div class="notice" role="status" data-missing="{escape(n.what)}"><strong>Missing: '
-        f"{escape(n.what)}</strong> — {escape(n.why)}.{fix}</div>"
-    )
-
-
-def _md_code(s: str) -> str:
-    """Escape, then render `backticked` parts as <code>."""
-    parts = escape(s).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def section_tables(ev: Evaluation | None, notes: list[Missing], pal: svg.Palette) -> Section:
-    """The method × task tables."""
+def section_tables(ev: Evaluation | None, notes: list[Missing], pal: charts.Palette) -> Section:
+    """The method × task tables and the best merge against every other method."""
     sec = Section("accuracy", "Accuracy per method and task", notices=list(notes))
     if ev is None:
         return sec
-    sec.intro = (
-        f"Test accuracy on {len(ev.tasks)} task(s). <em>Normalized</em> = accuracy ÷ the task's own "
-        "expert (1.0 = as good as one fine-tuned model per task). The best value per column "
-        "among everything but the experts is <span class='best'>highlighted</span>."
-    )
-    sec.body = _table(
-        ev, "accuracy", "mean_accuracy", "accuracy-table", "Test accuracy (fraction correct)", pal
-    ) + _table(
-        ev,
-        "normalized",
-        "mean_normalized",
-        "normalized-table",
-        "Normalized accuracy (merged ÷ expert)",
-        pal,
-    )
+    best, comps = comparisons(ev, pal)
+    sec.data = {
+        "n_tasks": len(ev.tasks),
+        "has_intervals": ev.has_intervals,
+        "tables": metric_tables(ev, pal),
+        "best": best,
+        "best_row": ev.rows[best] if best else None,
+        "comparisons": comps if any(c.within_noise is not None for c in comps) else [],
+    }
     return sec
 
 
-def section_bars(ev: Evaluation | None, figures: dict[str, str], pal: svg.Palette) -> Section:
-    """The mean normalized overview and one bar chart per task."""
+def section_bars(ev: Evaluation | None, pal: charts.Palette) -> Section:
+    """The mean normalized overview and one bar chart per task, with 95 % error bars."""
     sec = Section("per-task", "Per-task accuracy")
     if ev is None:
         sec.notices.append(Missing("metrics/eval.json", "no evaluation to plot", "`dvc repro evaluate`"))
         return sec
     rows = ordered_rows(ev)
-    parts = [
-        _figure(
-            "mean-normalized",
-            svg.bar_chart(
-                "Mean normalized accuracy per method",
-                rows,
-                {"mean normalized": [ev.rows[r]["mean_normalized"] for r in rows]},
-                colors=pal,
-                color_by="category",
-                x_label="method",
-                y_label="mean normalized accuracy (÷ expert)",
-                value_range=(0.0, None),
-                reference=1.0,
-                reference_label="expert = 1.0",
-            ),
-            figures,
-        )
-    ]
+    figs = [Figure(charts.bar_chart(
+        "mean-normalized",
+        "Mean normalized accuracy per method",
+        rows,
+        [ev.rows[r]["mean_normalized"] for r in rows],
+        colors=pal,
+        cis=[ev.rows[r]["mean_normalized_ci"] for r in rows],
+        x_label="mean normalized accuracy (÷ expert)",
+        reference=1.0,
+        reference_label="expert = 1.0",
+    ))]
     for t in ev.tasks:
         expert = ev.rows.get("expert", {}).get("accuracy", {}).get(t)
-        parts.append(
-            _figure(
-                f"task-{t}",
-                svg.bar_chart(
-                    f"{t}: test accuracy",
-                    rows,
-                    {"accuracy": [ev.rows[r]["accuracy"].get(t) for r in rows]},
-                    colors=pal,
-                    color_by="category",
-                    x_label="method",
-                    y_label="test accuracy (fraction correct)",
-                    value_range=(0.0, 1.0),
-                    reference=expert,
-                    reference_label="expert" if expert is not None else "",
-                    plot_height=220,
-                ),
-                figures,
-            )
-        )
-    sec.body = f'<div class="grid">{"".join(parts)}</div>'
+        n = ev.n_test(t)
+        figs.append(Figure(charts.bar_chart(
+            f"task-{t}",
+            f"{t}: test accuracy" + (f" (n = {n})" if n else ""),
+            rows,
+            [ev.rows[r]["accuracy"].get(t) for r in rows],
+            colors=pal,
+            cis=[ev.rows[r]["accuracy_ci"].get(t) for r in rows],
+            n=[ev.rows[r]["n_test"].get(t) for r in rows],
+            x_label="test accuracy (fraction correct)",
+            x_max=1.0,
+            reference=expert,
+            reference_label=f"expert {charts.fmt(expert)}" if expert is not None else "",
+        )))
+    sec.data = {"figures": figs, "has_intervals": ev.has_intervals}
     return sec
 
 
-def section_pareto(
-    root: Path, ev: Evaluation | None, figures: dict[str, str], pal: svg.Palette
-) -> Section:
+def section_pareto(root: Path, ev: Evaluation | None, pal: charts.Palette) -> Section:
     """Bytes vs accuracy of every stored form, with the Pareto front."""
     sec = Section("pareto", "Storage vs accuracy")
     pts, source, notes = inputs.pareto_points(root, ev)
     sec.notices += notes
     use_norm = bool(pts) and all(p.mean_normalized is not None for p in pts)
     chart_pts = [
-        svg.Point(p.form, p.bytes / 1e6, (p.mean_normalized if use_norm else p.mean_accuracy),
-                  p.setting)
+        charts.Point(p.form, p.bytes / 1e6, (p.mean_normalized if use_norm else p.mean_accuracy),
+                     p.setting)
         for p in pts
         if (p.mean_normalized if use_norm else p.mean_accuracy) is not None
     ]
@@ -233,36 +170,27 @@ def section_pareto(
             sec.notices.append(Missing("plots/pareto.csv", "no stored form with both a size and "
                                        "an accuracy", "`dvc repro evaluate`"))
         return sec
-    n_tasks = f"{len(ev.tasks)} " if ev else ""
-    sec.intro = (
-        f"Each point is one way to store the {n_tasks}task model(s): "
-        "up and to the left is better; the dashed staircase joins the forms no other form beats "
-        f"on both size and accuracy. Source: {escape(source)}."
-    )
-    sec.body = _figure(
+    derived = source.startswith("derived")
+    fig = charts.scatter_chart(
         "pareto",
-        svg.scatter_chart(
-            "Accuracy vs bytes stored (Pareto front)",
-            chart_pts,
-            colors=lambda form: pal(FORM_ROWS.get(form, form)),
-            x_label="bytes stored (MB = 10⁶ bytes)",
-            y_label="mean normalized accuracy" if use_norm else "mean test accuracy",
-            x_format=lambda v: f"{v:,.0f}",
-            label_detail=len({p.label for p in chart_pts}) < len(chart_pts),
-            width=860,
-        ),
-        figures,
-        caption=(
-            "Sizes: experts = all expert files; merges and base = one model (≈ experts ÷ tasks); "
-            "TALL = archive plus θ₀ when referenced; Twin-Merging = its archive."
-            if source.startswith("derived")
-            else "Sizes as measured by the evaluate stage; hover a point for its setting."
-        ),
+        "Accuracy vs bytes stored (Pareto front)",
+        chart_pts,
+        colors=lambda form: pal(FORM_ROWS.get(form, form)),
+        x_label="bytes stored (MB = 10⁶ bytes)",
+        y_label="mean normalized accuracy" if use_norm else "mean test accuracy",
+        label_detail=len({p.label for p in chart_pts}) < len(chart_pts),
     )
+    caption = (
+        "Sizes: experts = all expert files; merges and base = one model (≈ experts ÷ tasks); "
+        "TALL = archive plus θ₀ when referenced; Twin-Merging = its archive."
+        if derived else "Sizes as measured by the evaluate stage; hover a point for its setting."
+    )
+    sec.data = {"figure": Figure(fig, caption), "source": source,
+                "n_tasks": len(ev.tasks) if ev else None}
     return sec
 
 
-def section_scaling(root: Path, figures: dict[str, str], pal: svg.Palette) -> Section:
+def section_scaling(root: Path, pal: charts.Palette) -> Section:
     """Validation accuracy of each merge method over the scaling grid (plots/coefficients.csv)."""
     sec = Section("scaling", "Scaling search on validation")
     rows = inputs.read_csv(root, "plots/coefficients.csv")
@@ -276,28 +204,24 @@ def section_scaling(root: Path, figures: dict[str, str], pal: svg.Palette) -> Se
             series.setdefault(r["method"], []).append(
                 (float(r["scaling"]), float(r["val_mean_accuracy"]))
             )
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, TypeError):
             continue
     if not series:
         sec.notices.append(Missing("plots/coefficients.csv", "no (method, scaling, "
                                    "val_mean_accuracy) rows", "`dvc repro coefficients`"))
         return sec
-    sec.intro = "The scaling λ of each merge is chosen on validation (test is never used for tuning)."
-    sec.body = _figure(
+    sec.data = {"figure": Figure(charts.line_chart(
         "scaling",
-        svg.line_chart(
-            "Validation accuracy vs scaling λ",
-            series,
-            colors=pal,
-            x_label="scaling λ (unitless)",
-            y_label="mean validation accuracy",
-        ),
-        figures,
-    )
+        "Validation accuracy vs scaling λ",
+        series,
+        colors=pal,
+        x_label="scaling λ (unitless)",
+        y_label="mean validation accuracy",
+    ))}
     return sec
 
 
-def section_heatmaps(root: Path, figures: dict[str, str]) -> Section:
+def section_heatmaps(root: Path) -> Section:
     """Learned coefficients (AdaMerging, aTLAS, Concrete) as tasks × layers."""
     sec = Section("coefficients", "Learned coefficients")
     maps, notes = inputs.learned_heatmaps(root)
@@ -307,37 +231,26 @@ def section_heatmaps(root: Path, figures: dict[str, str]) -> Section:
             sec.notices.append(Missing("artifacts/coefficients", "not found",
                                        "`dvc repro coefficients`"))
         else:
-            sec.intro = (
-                "No learned-coefficient runs in this workspace (set "
-                "<code>coefficients.run_learned: true</code> in params.yaml to learn "
-                "AdaMerging / aTLAS / Concrete coefficients)."
-            )
+            sec.data = {"none_learned": True}
         return sec
-    sec.intro = "α per task and layer as learned on the data each run is allowed to see."
-    parts = []
+    figs = []
     for m in maps:
         what = f"{m.method}, " if m.method else ""
-        parts.append(
-            _figure(
+        figs.append(Figure(
+            charts.heatmap(
                 f"alpha-{m.run}",
-                svg.heatmap(
-                    f"{m.run} ({what}{m.scheme} blocks): learned α",
-                    m.tasks,
-                    m.layers,
-                    m.values,
-                    x_label=(
-                        "one α per task (all layers)"
-                        if m.layers == ["all layers"]
-                        else "layer (emb = embeddings, Ln = transformer layer n)"
-                    ),
-                    y_label="task",
-                    value_label="α (unitless)",
-                ),
-                figures,
-                caption=escape(m.note),
-            )
-        )
-    sec.body = "".join(parts)
+                f"{m.run} ({what}{m.scheme} blocks): learned α",
+                m.tasks,
+                m.layers,
+                m.values,
+                x_label=("one α per task (all layers)" if m.layers == ["all layers"]
+                         else "layer (emb = embeddings, Ln = transformer layer n)"),
+                y_label="task",
+                value_label="α (unitless)",
+            ),
+            m.note,
+        ))
+    sec.data = {"figures": figs}
     return sec
 
 
@@ -398,83 +311,69 @@ def history_series(hist: Mapping[str, Any]) -> tuple[dict[str, list], list[str],
     return series, labels, rows
 
 
-def section_history(root: Path, figures: dict[str, str], hist: Mapping[str, Any] | None,
-                    hist_error: str) -> Section:
+@dataclass(frozen=True)
+class RunLink:
+    """An MLflow run id, linked to the MLflow UI when the store is a server."""
+
+    run_id: str
+    url: str
+
+    @property
+    def short(self) -> str:
+        """The first 12 characters of the id."""
+        return self.run_id[:12]
+
+
+def _run_link(hist: Mapping[str, Any], run_id: str) -> RunLink | None:
+    from mergeflow.tracking import run_url
+
+    if not run_id:
+        return None
+    return RunLink(run_id, run_url(hist.get("uri", ""), hist.get("experiment_id", ""), run_id))
+
+
+def history_chart(series: Mapping[str, list], labels: Sequence[str]) -> charts.Chart:
+    """The history line chart: at most ~8 dated ticks; one run is one tick on a padded axis."""
+    n = len(labels)
+    step = max(1, math.ceil(n / 8))
+    ticks = [float(i) for i in range(0, n, step)]
+    return charts.line_chart(
+        "history",
+        "Normalized accuracy across runs",
+        series,
+        colors=HISTORY_COLORS,
+        x_label="evaluation run, oldest → newest (start time, UTC, month-day hh:mm)",
+        y_label="mean normalized accuracy (÷ expert)",
+        x_ticks=ticks,
+        x_tick_labels=[labels[int(t)][5:] for t in ticks],
+        step=("champion (registered model)",),
+        points_only=("registered version",),
+        width=9.0,
+    )
+
+
+def section_history(hist: Mapping[str, Any] | None, hist_error: str) -> Section:
     """Normalized accuracy of the best merge / champion across runs, from MLflow."""
     sec = Section("history", "History across runs")
     if hist is None:
         sec.notices.append(Missing("MLflow history", hist_error or "not available"))
         return sec
     series, labels, rows = history_series(hist)
-    n = len(labels)
-    where = escape(hist.get("uri", ""))
-    if n == 0:
-        sec.body = (
-            '<p class="first-run"><strong>First run</strong> — MLflow '
-            f"(<code>{where}</code>) has no earlier evaluation of this pipeline to compare with.</p>"
-        )
+    champ = hist.get("aliases", {}).get("champion")
+    sec.data = {"n": len(labels), "where": hist.get("uri", ""), "champion": champ,
+                "model": MODEL_NAME}
+    if not labels:
         return sec
-    aliases = hist.get("aliases", {})
-    champ = aliases.get("champion")
-    sec.intro = (
-        f"{n} finished evaluation run(s) in MLflow (<code>{where}</code>), oldest first. "
-        + (f"Current champion: <strong>{MODEL_NAME} v{champ}</strong>." if champ else
-           "No registered champion yet (the Prefect flow registers the best merge).")
-    )
-    if n == 1:
-        sec.intro = (
-            "<strong class='first-run'>First run</strong> — nothing earlier to compare with. "
-            + sec.intro
-        )
-    colors = {"best merge per run": "#4e79a7", "registered version": "#f28e2b",
-              "champion (registered model)": "#59a14f"}
-    step = max(1, math.ceil(n / 8))
-    sec.body = _figure(
-        "history",
-        svg.line_chart(
-            "Normalized accuracy across runs",
-            series,
-            colors=colors,
-            x_label="evaluation run, oldest → newest (start time, UTC, month-day hh:mm)",
-            y_label="mean normalized accuracy (÷ expert)",
-            x_format=lambda x: labels[int(round(x))][5:] if 0 <= round(x) < n else "",
-            x_ticks=[float(i) for i in range(0, n, step)] if n > 1 else [-1.0, 0.0, 1.0],
-            step=("champion (registered model)",),
-            points_only=("registered version",),
-            width=860,
-        ),
-        figures,
-    )
-    trs = []
+    table = []
     for r in reversed(rows[-15:]):
-        b = r["best"]
         v = r["version"]
         reg = ""
         if v:
-            is_champ = champ == v["version"]
-            reg = f"v{v['version']}" + (" (champion)" if is_champ else "")
-        link = _run_link(hist, r["parent"] or r["run_id"])
-        trs.append(
-            f"<tr><td>{escape(r['when'])}</td><td>{link}</td>"
-            f"<td>{escape(b[0]) if b else '–'}</td><td>{_fmt(b[1] if b else None)}</td>"
-            f"<td>{escape(reg)}</td></tr>"
-        )
-    sec.body += (
-        '<table class="metrics small" id="history-table"><caption>Latest runs</caption><thead><tr>'
-        "<th>start (UTC)</th><th>MLflow run</th><th>best merge</th><th>mean normalized</th>"
-        f"<th>registered</th></tr></thead><tbody>{''.join(trs)}</tbody></table>"
-    )
+            reg = f"v{v['version']}" + (" (champion)" if champ == v["version"] else "")
+        table.append({"when": r["when"], "link": _run_link(hist, r["parent"] or r["run_id"]),
+                      "best": r["best"], "registered": reg})
+    sec.data |= {"figure": Figure(history_chart(series, labels)), "rows": table}
     return sec
-
-
-def _run_link(hist: Mapping[str, Any], run_id: str) -> str:
-    from mergeflow.tracking import run_url
-
-    if not run_id:
-        return "–"
-    url = run_url(hist.get("uri", ""), hist.get("experiment_id", ""), run_id)
-    short = escape(run_id[:12])
-    return f'<a href="{escape(url)}"><code>{short}</code></a>' if url else f"<code>{short}</code>"
 
 
 def section_lineage(root: Path, ev: Evaluation | None, hist: Mapping[str, Any] | None) -> Section:
@@ -482,121 +381,119 @@ def section_lineage(root: Path, ev: Evaluation | None, hist: Mapping[str, Any] |
     lin, notes = inputs.lineage(root)
     sec = Section("lineage", "Lineage of the model shown", notices=notes)
     best = ev.best_merge() if ev else None
-    items = []
-    if best:
-        items.append(("best merge in this report", f"<strong>{escape(best)}</strong> (mean "
-                      f"normalized {_fmt(ev.rows[best]['mean_normalized'])})"))
-    items.append(("git commit", f"<code>{escape(lin.git_commit or 'unknown (not a git repo)')}</code>"))
-    if lin.dvc_lock_md5:
-        rev = lin.dvc_lock_rev[:12] or "never committed"
-        dirty = " + uncommitted changes" if lin.dvc_lock_dirty else ""
-        items.append(("DVC revision (last commit of dvc.lock)",
-                      f"<code>{escape(rev)}</code>{dirty}; dvc.lock md5 "
-                      f"<code>{escape(lin.dvc_lock_md5)}</code>"))
     ev_md5 = lin.stage_md5.get("evaluate", {})
-    if ev_md5:
-        lis = "".join(f"<li><code>{escape(p)}</code> <code class='h'>{escape(m)}</code></li>"
-                      for p, m in ev_md5.items())
-        items.append(("evaluate stage inputs/outputs (dvc.lock md5)", f"<ul class='md5'>{lis}</ul>"))
     recorded = ev_md5.get("metrics/eval.json")
     if recorded and lin.metrics_md5 and recorded != lin.metrics_md5:
         sec.notices.append(Missing("metrics/eval.json", "differs from the md5 dvc.lock recorded "
                                    "for it (a changed or failed evaluate run)", "`dvc repro`"))
-    if lin.data:
-        lis = "".join(
-            f"<li><strong>{escape(t)}</strong> "
-            + " ".join(f"{escape(s)} <code class='h'>{escape(h[:16])}</code>" for s, h in d.items())
-            + "</li>"
-            for t, d in lin.data.items()
-        )
-        items.append(("data (sha256 of each split, from data/tasks/*/meta.json)",
-                      f"<ul class='md5'>{lis}</ul>"))
-    else:
+    if not lin.data:
         sec.notices.append(Missing("data/tasks/*/meta.json", "no task data found",
                                    "`dvc repro prepare`"))
+    mlflow: dict[str, Any] | None = None
     if hist is not None and lin.metrics_md5:
         match = [e for e in hist.get("evaluations", [])
                  if e["tags"].get("output.metrics.md5") == lin.metrics_md5]
+        mlflow = {"found": bool(match), "uri": hist.get("uri", "")}
         if match:
             e = match[-1]
-            where = _run_link(hist, e["run_id"])
-            parent = e.get("parent_run_id")
-            extra = f" in flow run {_run_link(hist, parent)}" if parent else ""
+            parent = e.get("parent_run_id") or ""
+            mlflow |= {"run": _run_link(hist, e["run_id"]), "parent": _run_link(hist, parent),
+                       "versions": []}
             for v in hist.get("versions", []):
                 if parent and v["run_id"] == parent:
-                    champ = hist.get("aliases", {}).get("champion") == v["version"]
-                    extra += (f"; registered as <strong>{MODEL_NAME} v{v['version']}</strong>"
-                              + (" (champion)" if champ else ""))
-            uri = escape(hist.get("uri", ""))
-            items.append(("MLflow run of this evaluation",
-                          f"{where}{extra} — <code>{uri}</code>"))
-        else:
-            items.append(("MLflow run of this evaluation",
-                          "none found with this metrics/eval.json (md5 tag "
-                          "<code>output.metrics.md5</code>)"))
+                    mlflow["versions"].append(
+                        (v["version"], hist.get("aliases", {}).get("champion") == v["version"])
+                    )
     if lin.incomplete_stages:
         sec.notices.append(Missing(
             "stages " + ", ".join(lin.incomplete_stages),
             "have no dvc.lock entry (not run yet, or failed)",
             "`dvc repro` (or `mergeflow run`)",
         ))
-    sec.body = "<dl class='lineage'>" + "".join(
-        f"<dt>{escape(k)}</dt><dd>{v}</dd>" for k, v in items
-    ) + "</dl>"
+    sec.data = {"lin": lin, "best": best, "best_row": ev.rows[best] if best else None,
+                "evaluate_md5": ev_md5, "mlflow": mlflow, "model": MODEL_NAME}
     return sec
 
 
-CSS = """
-:root{--ink:#1f2933;--muted:#616e7c;--line:#e4e7eb;--bg:#f5f7fa;--best:#fff1b8;--warn:#fff4e5;
---warnline:#f0a020}
-*{box-sizing:border-box}
-body{margin:0;font:15px/1.5 system-ui,-apple-system,'Segoe UI',Roboto,'Helvetica Neue',Arial,
-sans-serif;color:var(--ink);background:var(--bg)}
-header{background:#1f2933;color:#fff;padding:20px 32px}
-header h1{margin:0 0 4px;font-size:22px}
-header .meta{color:#cbd2d9;font-size:13px}
-header code{color:#fff}
-nav{background:#fff;border-bottom:1px solid var(--line);padding:8px 32px;font-size:14px;
-position:sticky;top:0;z-index:1}
-nav a{margin-right:16px;color:#2f6fb0;text-decoration:none}
-main{max-width:1500px;margin:0 auto;padding:8px 32px 48px}
-section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:16px 22px;
-margin:18px 0}
-h2{font-size:18px;margin:0 0 8px}
-.intro{color:var(--muted);margin:0 0 12px}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:16px 0 0}
-.card{background:#fff;color:var(--ink);border:1px solid var(--line);border-radius:8px;
-padding:10px 16px;min-width:200px}
-.card .v{font-size:22px;font-weight:600}.card .k{color:var(--muted);font-size:13px}
-.status{padding:10px 16px;border-radius:6px;margin:16px 0 0;font-weight:600}
-.status.failed{background:#fde8e8;border:1px solid #e15759;color:#9b1c1c}
-.status.ok{background:#e8f5e9;border:1px solid #59a14f;color:#1e5c24}
-.notice{background:var(--warn);border-left:4px solid var(--warnline);padding:8px 12px;margin:8px 0;
-border-radius:4px}
-.notice .fix{color:var(--muted)}
-table.metrics{border-collapse:collapse;margin:8px 0 20px;font-variant-numeric:tabular-nums;
-font-size:14px;min-width:50%}
-table.metrics caption{text-align:left;font-weight:600;padding:4px 0}
-table.metrics th,table.metrics td{padding:5px 12px;border-bottom:1px solid var(--line);text-align:right}
-table.metrics th[scope=row],table.metrics td.kind,table.metrics thead th:first-child{text-align:left}
-table.metrics thead th{background:#f0f4f8;font-weight:600}
-table.metrics td.kind{color:var(--muted);font-size:12px}
-table.metrics td.best,span.best{background:var(--best);font-weight:700}
-tr.kind-reference th,tr.kind-reference td{color:#52606d;font-style:italic}
-table.small{font-size:13px}
-.swatch{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:7px}
-.tablewrap{overflow-x:auto}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:12px}
-figure.fig{margin:6px 0;padding:0}
-figure.fig svg{display:block;max-width:100%;height:auto}
-figcaption{color:var(--muted);font-size:13px;margin-top:4px}
-dl.lineage{display:grid;grid-template-columns:max-content 1fr;gap:6px 18px;margin:0}
-dl.lineage dt{color:var(--muted)}dl.lineage dd{margin:0}
-ul.md5{margin:0;padding-left:18px;font-size:13px}code.h{color:var(--muted)}
-code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px}
-.first-run{font-size:15px}
-footer{color:var(--muted);font-size:12px;text-align:center;padding:16px}
-"""
+def _cards(ev: Evaluation | None, root: Path) -> list[tuple[str, str, Interval | None]]:
+    """(value, label, interval) of the header cards."""
+    if ev is None:
+        return []
+    cards: list[tuple[str, str, Interval | None]] = []
+    best = ev.best_merge()
+    if best:
+        s = ev.rows[best]
+        cards.append((charts.fmt(s["mean_normalized"]), f"best merge: {best} (mean normalized)",
+                      s["mean_normalized_ci"]))
+    for r, label in (("tall_masks", "TALL masks"), ("twin_merging", "Twin-Merging")):
+        if r in ev.rows and ev.rows[r]["mean_normalized"] is not None:
+            cards.append((charts.fmt(ev.rows[r]["mean_normalized"]),
+                          f"{label} (mean normalized)", ev.rows[r]["mean_normalized_ci"]))
+    comp, _ = inputs.read_json(root, "metrics/compress.json", "compress")
+    try:
+        cards.append((f"{comp['tall']['ratio_with_base']:.0%}",
+                      "TALL size incl. θ₀ vs all experts", None))
+    except (TypeError, KeyError, ValueError):
+        pass
+    cards.append((str(len(ev.tasks)), "tasks", None))
+    return cards
+
+
+def fetch_history(root: Path, model_name: str = MODEL_NAME) -> tuple[dict | None, str]:
+    """(MLflow history, "") or (None, why not) — never raises."""
+    from mergeflow import tracking
+
+    if not tracking.tracking_enabled():
+        return None, "MLflow tracking is off (MERGEFLOW_TRACKING=off)"
+    try:
+        return tracking.run_history(root, model_name), ""
+    except tracking.TrackingUnavailableError as err:
+        return None, str(err)
+    except Exception as err:  # noqa: BLE001 - a broken store must not take the report down
+        return None, f"could not read MLflow history ({type(err).__name__}: {err})"
+
+
+def _num(v: float | None, digits: int = 3) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _code(s: str) -> Markup:
+    """Escape, then render `backticked` parts as <code>."""
+    parts = str(escape(s)).split("`")
+    return Markup("".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)))
+
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("mergeflow.report", "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_ENV.filters |= {"num": _num, "ci": lambda ci, d=3: charts.fmt_ci(ci, d), "code": _code,
+                 "signed": lambda v: "–" if v is None else f"{v:+.3f}"}
+
+
+def generated_at() -> str:
+    """The build time shown on the page; ``SOURCE_DATE_EPOCH`` (reproducible builds) wins."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = (dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch.isdigit()
+            else dt.datetime.now(dt.UTC))
+    return when.strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render_page(
+    root: Path, ev: Evaluation | None, sections: Sequence[Section], status: tuple[str, str] | None
+) -> str:
+    """Render the HTML document from the template."""
+    return _ENV.get_template("index.html.j2").render(
+        root=str(root),
+        generated=generated_at(),
+        status=status,
+        missing=sum(len(s.notices) for s in sections),
+        cards=_cards(ev, root),
+        sections=sections,
+    )
 
 
 def build_report(
@@ -620,95 +517,26 @@ def build_report(
     """
     root = Path(root).resolve()
     ev, ev_notes = inputs.load_evaluation(root)
-    pal = svg.Palette(ordered_rows(ev) if ev else [])
+    pal = charts.Palette(ordered_rows(ev) if ev else [])
     hist_error = ""
     if history is None:
         history, hist_error = fetch_history(root, model_name)
-    figures: dict[str, str] = {}
     sections = [
         section_tables(ev, ev_notes, pal),
-        section_bars(ev, figures, pal),
-        section_pareto(root, ev, figures, pal),
-        section_scaling(root, figures, pal),
-        section_heatmaps(root, figures),
-        section_history(root, figures, history, hist_error),
+        section_bars(ev, pal),
+        section_pareto(root, ev, pal),
+        section_scaling(root, pal),
+        section_heatmaps(root),
+        section_history(history, hist_error),
         section_lineage(root, ev, history),
     ]
+    figures = {}
+    for s in sections:
+        for f in [s.data.get("figure"), *s.data.get("figures", [])]:
+            if f is not None:
+                figures[f.id] = f.chart.svg
     html = render_page(root, ev, sections, status)
     return Report(html, figures, sections, headline_rows(ev) if ev else [])
-
-
-def fetch_history(root: Path, model_name: str = MODEL_NAME) -> tuple[dict | None, str]:
-    """(MLflow history, "") or (None, why not) — never raises."""
-    from mergeflow import tracking
-
-    if not tracking.tracking_enabled():
-        return None, "MLflow tracking is off (MERGEFLOW_TRACKING=off)"
-    try:
-        return tracking.run_history(root, model_name), ""
-    except tracking.TrackingUnavailableError as err:
-        return None, str(err)
-    except Exception as err:  # noqa: BLE001 - a broken store must not take the report down
-        return None, f"could not read MLflow history ({type(err).__name__}: {err})"
-
-
-def _cards(ev: Evaluation | None, root: Path) -> str:
-    if ev is None:
-        return ""
-    cards = []
-    best = ev.best_merge()
-    if best:
-        s = ev.rows[best]
-        cards.append((f"{_fmt(s['mean_normalized'])}", f"best merge: {best} (mean normalized)"))
-    for r, label in (("tall_masks", "TALL masks"), ("twin_merging", "Twin-Merging")):
-        if r in ev.rows and ev.rows[r]["mean_normalized"] is not None:
-            cards.append((_fmt(ev.rows[r]["mean_normalized"]), f"{label} (mean normalized)"))
-    comp, _ = inputs.read_json(root, "metrics/compress.json", "compress")
-    try:
-        cards.append((f"{comp['tall']['ratio_with_base']:.0%}", "TALL size incl. θ₀ vs all experts"))
-    except (TypeError, KeyError, ValueError):
-        pass
-    cards.append((str(len(ev.tasks)), "tasks"))
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{escape(v)}</div><div class="k">{escape(k)}</div></div>'
-        for v, k in cards
-    ) + "</div>"
-
-
-def render_page(
-    root: Path, ev: Evaluation | None, sections: Sequence[Section], status: tuple[str, str] | None
-) -> str:
-    """Assemble the HTML document."""
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    banner = ""
-    if status:
-        kind, msg = status
-        banner = f'<div class="status {escape(kind)}">{escape(msg)}</div>'
-    missing = sum(len(s.notices) for s in sections)
-    if missing:
-        banner += (f'<div class="status failed">{missing} input(s) missing or unusable — see the '
-                   "notices below.</div>")
-    nav = "".join(f'<a href="#{s.id}">{escape(s.title)}</a>' for s in sections)
-    body = []
-    for s in sections:
-        intro = f'<p class="intro">{s.intro}</p>' if s.intro else ""
-        notes = "".join(_notice(n) for n in s.notices)
-        content = f'<div class="tablewrap">{s.body}</div>' if s.id == "accuracy" else s.body
-        body.append(
-            f'<section id="{s.id}"><h2>{escape(s.title)}</h2>{notes}{intro}{content}</section>'
-        )
-    return (
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width,initial-scale=1'>"
-        "<title>mergeflow dashboard</title>"
-        f"<style>{CSS}</style></head><body>"
-        f"<header><h1>mergeflow dashboard</h1><div class='meta'>workspace <code>{escape(str(root))}"
-        f"</code> · generated {now}</div>{banner}"
-        f"{_cards(ev, root)}</header>"
-        f"<nav>{nav}</nav><main>{''.join(body)}</main>"
-        "<footer>Generated by <code>mergeflow report</code>. Self-contained: no scripts, no network."
-        "</footer></body></html>"
-    )
 
 
 def write_report(

@@ -58,7 +58,9 @@ class Evaluation:
     """``metrics/eval.json``: per row (model/method), accuracy and normalized accuracy per task."""
 
     tasks: list[str]
-    rows: dict[str, dict[str, Any]]  # row -> {accuracy: {t: a}, normalized: {t: n}, mean_*: x}
+    # row -> {accuracy: {t: a}, normalized: {t: n}, mean_*: x, accuracy_ci: {t: (lo, hi)},
+    #         n_test: {t: n}, mean_*_ci: (lo, hi) | None, paired: {other: {diff, ci, within_noise}}}
+    rows: dict[str, dict[str, Any]]
 
     def kind(self, row: str) -> str:
         """``reference``, ``compressed`` or ``merge``."""
@@ -70,6 +72,18 @@ class Evaluation:
         """Rows that are one merged model (the candidates for best merge / champion)."""
         return [r for r in self.rows if self.kind(r) == "merge"]
 
+    def n_test(self, task: str) -> int | None:
+        """Number of test texts of ``task`` (every row is scored on the same texts)."""
+        for s in self.rows.values():
+            if task in s["n_test"]:
+                return s["n_test"][task]
+        return None
+
+    @property
+    def has_intervals(self) -> bool:
+        """Whether any row carries an interval (files from before issue 17 have none)."""
+        return any(s["accuracy_ci"] or s["mean_normalized_ci"] for s in self.rows.values())
+
     def best_merge(self) -> str | None:
         """The merge with the highest mean normalized accuracy (ties: alphabetically first)."""
         scored = [(self.rows[r].get("mean_normalized"), r) for r in self.merges()]
@@ -77,8 +91,65 @@ class Evaluation:
         return min(scored)[1] if scored else None
 
 
+def _interval(v: Any) -> tuple[float, float] | None:
+    """``[lo, hi]`` as a tuple of two finite numbers with lo <= hi, else None."""
+    if not isinstance(v, list | tuple) or len(v) != 2:
+        return None
+    lo, hi = _number(v[0]), _number(v[1])
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        return None
+    return lo, hi
+
+
+def _paired(v: Any) -> dict[str, Any] | None:
+    """One ``paired`` entry: ``diff``, ``ci`` and ``within_noise`` (from the interval if absent)."""
+    if not isinstance(v, dict):
+        return None
+    diff, ci = _number(v.get("diff")), _interval(v.get("ci"))
+    if diff is None or ci is None:
+        return None
+    noise = v.get("within_noise")
+    return {"diff": diff, "ci": ci,
+            "within_noise": noise if isinstance(noise, bool) else ci[0] <= 0.0 <= ci[1]}
+
+
+def _uncertainty(s: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The optional interval fields of one row, and whether any present one was malformed."""
+    bad = False
+
+    def per_task(key: str, parse) -> dict[str, Any]:
+        nonlocal bad
+        raw = s.get(key)
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            bad = True
+            return {}
+        out = {t: parse(v) for t, v in raw.items()}
+        bad = bad or any(v is None for v in out.values())
+        return {t: v for t, v in out.items() if v is not None}
+
+    def count(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    out: dict[str, Any] = {
+        "accuracy_ci": per_task("accuracy_ci", _interval),
+        "n_test": per_task("n_test", count),
+        "paired": per_task("paired", _paired),
+    }
+    for key in ("mean_accuracy_ci", "mean_normalized_ci"):
+        out[key] = _interval(s.get(key))
+        bad = bad or (s.get(key) is not None and out[key] is None)
+    return out, bad
+
+
 def load_evaluation(root: Path) -> tuple[Evaluation | None, list[Missing]]:
-    """Parse and check ``metrics/eval.json`` (the shape written by ``evaluate.summarize``)."""
+    """Parse and check ``metrics/eval.json`` (the shape written by ``evaluate.summarize``).
+
+    The uncertainty fields (``accuracy_ci``, ``n_test``, ``mean_accuracy_ci``,
+    ``mean_normalized_ci``, ``paired``) are optional: files written before them still load, with
+    empty intervals. A present but malformed interval is dropped and noted.
+    """
     rel = "metrics/eval.json"
     data, notes = read_json(root, rel, "evaluate")
     if data is None:
@@ -87,7 +158,7 @@ def load_evaluation(root: Path) -> tuple[Evaluation | None, list[Missing]]:
         return None, [Missing(rel, "empty or not an object of rows", "re-run `dvc repro evaluate`")]
     tasks: list[str] = []
     rows: dict[str, dict[str, Any]] = {}
-    bad = []
+    bad, bad_ci = [], []
     for row, s in data.items():
         acc = s.get("accuracy") if isinstance(s, dict) else None
         if not isinstance(acc, dict):
@@ -103,6 +174,13 @@ def load_evaluation(root: Path) -> tuple[Evaluation | None, list[Missing]]:
             "mean_accuracy": _number(s.get("mean_accuracy")),
             "mean_normalized": _number(s.get("mean_normalized")),
         }
+        unc, malformed = _uncertainty(s)
+        rows[row].update(unc)
+        if malformed:
+            bad_ci.append(row)
+    if bad_ci:
+        notes.append(Missing(f"{rel}: rows {', '.join(bad_ci)}", "have malformed intervals "
+                             "(shown without them)", "re-run `dvc repro evaluate`"))
     if bad:
         notes.append(Missing(f"{rel}: rows {', '.join(bad)}", "have no per-task accuracy",
                              "re-run `dvc repro evaluate`"))
