@@ -233,8 +233,9 @@ def bar_chart(
                     bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85})
         if reference is not None and _finite(reference):
             ax.axvline(reference, color=MUTED, linestyle="--", linewidth=1.2, zorder=3)
-            ax.text(reference, -0.95, f" {reference_label}", color=MUTED, fontsize=8.5,
-                    va="center", ha="right" if reference > top * 0.6 else "left")
+            right = reference > top * 0.6  # label on the side with room
+            ax.text(reference, -0.95, f"{reference_label}  " if right else f"  {reference_label}",
+                    color=MUTED, fontsize=8.5, va="center", ha="right" if right else "left")
         ax.set_ylim(len(names) - 0.5, -1.4)  # first name on top, headroom for the reference
         ax.set_yticks(range(len(names)), [str(x) for x in names])
         ax.set_xlim(0, top * 1.12)  # room right of the longest bar for its value
