@@ -14,7 +14,9 @@ per item, one at a time (the reference behaviour). See docs/orchestration.md for
 
 Retries only on I/O-bound steps (``prepare`` reads source packages, ``base`` loads the model files,
 ``dvc push`` talks to S3); compute stages fail fast. Every stage command has a timeout and is killed
-with its process group when it expires. Up-to-date items are skipped and say so.
+with its process group when it expires. Up-to-date items are skipped and say so. Each stage item is
+one plain process that logs its own MLflow run; when it fails or is killed, its task ends the run it
+left RUNNING as FAILED.
 """
 
 from __future__ import annotations
@@ -187,6 +189,28 @@ def _stage_env(item: StageItem, lineage_env: dict[str, str], threads: int | None
     return env
 
 
+@contextlib.contextmanager
+def _failing_runs_closed(item: StageItem, lineage_env: dict[str, str]):
+    """Close the MLflow run of a stage process that failed in the block, then re-raise.
+
+    A stage that exits non-zero after an exception has ended its run FAILED itself; one that was
+    killed (by a timeout here, the OOM killer, a signal) left it RUNNING under the flow's run.
+    """
+    try:
+        yield
+    except BaseException:
+        from mergeflow import tracking
+
+        try:
+            ended = tracking.fail_orphaned_runs(lineage_env, item.name)
+        except Exception as err:  # noqa: BLE001 - never mask the stage's own failure
+            get_run_logger().warning("%s: could not close its MLflow run: %s", item.name, err)
+        else:
+            if ended:
+                get_run_logger().info("%s: MLflow run %s marked FAILED", item.name, ", ".join(ended))
+        raise
+
+
 @task(name="dvc-stage", task_run_name="{item.name}", cache_policy=NO_CACHE)
 def run_stage(
     item: StageItem,
@@ -202,7 +226,7 @@ def run_stage(
     lock = _dvc_lock(root)
     t0 = time.monotonic()
     if not parallel:
-        with lock:
+        with _failing_runs_closed(item, lineage_env), lock:
             proc = subprocess.run(
                 [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", item.name],
                 cwd=root,
@@ -211,8 +235,10 @@ def run_stage(
                 text=True,
                 timeout=timeout_s,
             )
-        if proc.returncode != 0:
-            raise RuntimeError(f"stage {item.name} failed:\n{(proc.stderr or proc.stdout)[-4000:]}")
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"stage {item.name} failed:\n{(proc.stderr or proc.stdout)[-4000:]}"
+                )
         skipped = "didn't change, skipping" in proc.stdout or "is cached - skipping" in proc.stdout
         logger.info("%s: %s", item.name, "up to date, skipped" if skipped else "ran")
         return "skipped" if skipped else "ran"
@@ -228,14 +254,14 @@ def run_stage(
             elif p.exists() or p.is_symlink():
                 p.unlink()
     slots = _SLOTS.get(str(Path(root).resolve())) or contextlib.nullcontext()
-    with slots:
+    with _failing_runs_closed(item, lineage_env), slots:
         logger.info("%s: running `%s`", item.name, item.cmd)
         proc = run_command(item.cmd, root, env, timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"stage {item.name} failed (exit {proc.returncode}):\n"
-            f"{(proc.stderr or proc.stdout)[-4000:]}"
-        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"stage {item.name} failed (exit {proc.returncode}):\n"
+                f"{(proc.stderr or proc.stdout)[-4000:]}"
+            )
     with lock:
         commit = _dvc(root, "commit", "--force", item.name)
     if commit.returncode != 0:

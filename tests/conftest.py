@@ -27,10 +27,6 @@ def _isolated_env(tmp_path_factory):
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("MERGEFLOW_CACHE", str(Path.home() / ".cache" / "mergeflow"))
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    # background services of stage processes (stage host, tracking agent): shorter idle lifetimes
-    # here, where many workspaces and environments come and go
-    os.environ.setdefault("MERGEFLOW_STAGE_HOST_IDLE", "30")
-    os.environ.setdefault("MERGEFLOW_TRACKING_AGENT_IDLE", "30")
     yield
 
 

@@ -26,11 +26,12 @@ def tune_malloc() -> bool:
     Merge kernels and forward passes allocate and free float32 buffers of tens of MiB per tensor
     or batch. By default glibc serves each with a fresh ``mmap`` and returns it on ``free``, so
     every reuse page-faults its memory back in, one fault per 4 KiB. Measured on the 2-core CI
-    machine (benchmarks/merge_engine.py, 8 fp16 BERT-large experts): task arithmetic 29.1 s →
-    19.8 s, TIES 80.2 s → 63.4 s, DARE-TIES 95.9 s → 78.0 s, at +0.02–0.05 GiB peak anonymous
-    memory (the heap keeps up to 1 GiB of free top before trimming; 64 MiB / 256 MiB thresholds
-    gave 32.9 s / 25.4 s for task arithmetic); a MiniLM forward of 64 × 64 tokens 1025–1269 ms →
-    1005–1039 ms per batch.
+    machine (loaded; fault counts and system time are the robust figures), 3 TIES merges of 8
+    MiniLM-size experts in one thread: glibc defaults 3.4 M minor faults, 10.5 s system, 69 s
+    wall, 1254 MiB peak RSS; these settings 0.14 M, 0.9 s, 36 s, 1292 MiB. Eight MiniLM forwards
+    of 64 × 64 tokens: ~350 k faults and 0.8–1.0 s system time → 0–9 k and ≤ 0.08 s. (The merge
+    command used to set a 1 MiB mmap threshold and 2 arenas after this, to return freed buffers:
+    17 M faults, 47 s system, 122 s wall for the same merges, 1214 MiB peak — removed.)
 
     Returns:
         Whether the settings were applied (false off glibc).

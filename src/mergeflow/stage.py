@@ -7,7 +7,6 @@ to fix and exit status 2; outputs are written atomically by the stages, so nothi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import sys
@@ -41,41 +40,27 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(module: str, argv: list[str] | None = None) -> None:
-    """Run stage ``module`` (its ``run(cfg, paths)`` and ``Paths``) from the command line.
+    """Run stage ``module`` (its ``run(cfg, paths)`` and ``Paths``) in this process.
 
-    From the command line (``argv`` None) the stage runs in a fork of the warm stage host
-    (:mod:`mergeflow.stagehost`: torch and transformers already imported), else in this process.
-    Parses ``--params`` and one ``--<field>`` per field of ``Paths``. The connection to the MLflow
-    tracking service (the flow's, the shared agent, or a sidecar) is made before ``module`` (and
-    torch with it) is imported, so a sidecar's MLflow import and the stage's load side by side.
+    Parses ``--params`` and one ``--<field>`` per field of ``Paths`` from ``argv`` (default: the
+    command line), loads the params, calls ``run`` and exits 2 with one ``error:`` line on bad
+    input (:func:`user_errors`).
     """
-    if argv is None:  # a command line: run in the warm stage host if there is one
-        from mergeflow import stagehost
-
-        code = stagehost.delegate(module)
-        if code is not None:
-            sys.exit(code)
     tune_malloc()
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(tracking.sidecar())
-        except tracking.TrackingError as err:  # e.g. a bad MERGEFLOW_TRACKING_AGENT_IDLE
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        mod = importlib.import_module(module)
-        run, paths_cls = mod.run, mod.Paths
-        ap = argparse.ArgumentParser(description=module.rsplit(".", 1)[-1])
-        ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-        for f in dataclasses.fields(paths_cls):
-            ap.add_argument(f"--{f.name.replace('_', '-')}", required=True, dest=f.name)
-        args = vars(ap.parse_args(argv))
-        try:
-            cfg = load_params(args.pop("params"))
-            kinds = {f.name: f.type for f in dataclasses.fields(paths_cls)}
-            paths = paths_cls(
-                **{k: (Path(v) if kinds[k] in (Path, "Path") else v) for k, v in args.items()}
-            )
-            run(cfg, paths)
-        except user_errors() as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+    mod = importlib.import_module(module)
+    run, paths_cls = mod.run, mod.Paths
+    ap = argparse.ArgumentParser(description=module.rsplit(".", 1)[-1])
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    for f in dataclasses.fields(paths_cls):
+        ap.add_argument(f"--{f.name.replace('_', '-')}", required=True, dest=f.name)
+    args = vars(ap.parse_args(argv))
+    try:
+        cfg = load_params(args.pop("params"))
+        kinds = {f.name: f.type for f in dataclasses.fields(paths_cls)}
+        paths = paths_cls(
+            **{k: (Path(v) if kinds[k] in (Path, "Path") else v) for k, v in args.items()}
+        )
+        run(cfg, paths)
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -169,6 +169,12 @@ log = Path(ctl["log"]); log.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
 with open(log / "attempts.jsonl", "a") as f:
     f.write(json.dumps({"name": name, "start": t0, "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+if ctl.get("tracked"):  # an MLflow run per step; a step named in "kill" is SIGKILLed inside it
+    import signal
+    from mergeflow.tracking import stage_run
+    with stage_run(name, {"item": item}):
+        if name in ctl.get("kill", []):
+            os.kill(os.getpid(), signal.SIGKILL)
 if name in ctl.get("fail_once", []) and not (log / f"failed_{name}").exists():
     (log / f"failed_{name}").touch(); sys.exit("transient failure of " + name)
 if name in ctl.get("fail_always", []):

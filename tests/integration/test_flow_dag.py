@@ -199,6 +199,27 @@ def test_flow_killed_mid_stage_leaves_nothing_recorded_and_rerun_completes(
     assert json.loads(dvc(ws, "status", "--json").stdout) == {}
 
 
+def test_a_stage_killed_mid_run_leaves_no_running_mlflow_run(tmp_path, monkeypatch, prefect_harness):
+    """A stage process SIGKILLed inside its MLflow run cannot end it; its flow task does (FAILED),
+    while the stages beside it finish their own runs."""
+    from mlflow import MlflowClient
+
+    from flows.pipeline import pipeline
+    from mergeflow.tracking import EXPERIMENT, tracking_uri
+
+    ws, log = _tiny(tmp_path, monkeypatch, default_sleep=0.1, tracked=True, kill=["finetune@b"])
+    monkeypatch.setenv("MERGEFLOW_TRACKING", "on")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(ws)  # MLflow puts the new store's artifacts under the creator's cwd
+    with pytest.raises(Exception, match=r"finetune@b failed \(exit (-9|137)\)"):
+        pipeline(root=str(ws), max_parallel=3)
+    client = MlflowClient(tracking_uri=tracking_uri(ws))
+    runs = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    status = {r.data.tags.get("mergeflow.stage", "flow"): r.info.status for r in runs}
+    assert status["finetune@b"] == "FAILED" and status["flow"] == "FAILED"
+    assert status["prepare@a"] == "FINISHED" and "RUNNING" not in status.values(), status
+
+
 def test_unreachable_s3_remote_fails_the_flow_before_any_stage(tmp_path, monkeypatch, prefect_harness):
     from flows.pipeline import pipeline
     from mergeflow.remote import RemoteError

@@ -13,26 +13,6 @@ from rich.console import Console
 console = Console(stderr=True)
 
 
-def _return_freed_memory() -> None:
-    """Make glibc give large freed buffers back to the OS (mmap above 1 MiB, few arenas).
-
-    Merging frees a tensor-sized buffer per step; glibc's adaptive mmap threshold would keep
-    them on the heap of each reader thread's arena, inflating resident memory.
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass
-
-
 def _parse_sets(items: list[str]) -> dict:
     from mergeflow.tensors import MergeError
 
@@ -82,7 +62,6 @@ def merge_command(
     from mergeflow.io import CheckpointError
     from mergeflow.tensors import MergeError
 
-    _return_freed_memory()
     try:
         fields: dict = load_recipe(recipe).model_dump() if recipe else {}
         if method:

@@ -1,7 +1,7 @@
 """Artifact I/O: lazy safetensors over fsspec, atomic writes, hashing.
 
 Names resolve on first use (PEP 562), so ``from mergeflow.io import tree_md5`` does not import torch
-(the tracking sidecar and the data stage need only hashing).
+(lineage tracking and the data stage need only hashing).
 """
 
 from __future__ import annotations

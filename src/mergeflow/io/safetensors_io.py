@@ -33,7 +33,6 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save as st_save
 
-from mergeflow.daemon import pid_alive
 from mergeflow.tensors import all_finite
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -364,6 +363,17 @@ def _tmp_prefix(out: Path) -> str:
 
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (possibly another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _sweep_stale(out: Path) -> None:
     """Remove temp files/dirs of ``out`` left by writers that were killed (their pid is gone).
 
@@ -380,7 +390,7 @@ def _sweep_stale(out: Path) -> None:
         if not n.startswith(prefix) or not rest.startswith(("pid", "old-")):
             continue
         digits = rest.removeprefix("pid").removeprefix("old-").split(".", 1)[0]
-        if not digits.isdigit() or pid_alive(int(digits)):
+        if not digits.isdigit() or _pid_alive(int(digits)):
             continue
         stale = out.parent / n
         if rest.startswith("old-") and not out.exists():
