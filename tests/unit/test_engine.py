@@ -1,5 +1,7 @@
 """Streaming merge engine: equals in-memory merge, writes loadable checkpoints, refuses bad input."""
 
+import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +12,11 @@ from typer.testing import CliRunner
 
 from mergeflow import methods
 from mergeflow.cli import app
-from mergeflow.engine import kernels, merge_checkpoints
+from mergeflow.engine import merge_checkpoints
 from mergeflow.engine.checkpoint import Checkpoint
-from mergeflow.engine.select import select_ranks
 from mergeflow.io import CheckpointError
+from mergeflow.methods import chunks, registry
+from mergeflow.methods.select import select_ranks
 from mergeflow.tensors import MergeError
 
 SHAPES = {
@@ -88,18 +91,26 @@ CASES = [(m, {}) for m in methods.available()] + [
 ]
 
 
-HOT = ("task_arithmetic", "ties", "dare", "pcb")  # methods with their own chunked kernel
+CASE_IDS = [f"{m}-{i}" for i, (m, _) in enumerate(CASES)]
 
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
     # exercise chunking, histogram selection and the re-read path on tiny tensors
-    monkeypatch.setattr(kernels, "CHUNK", 37)
+    monkeypatch.setattr(chunks, "CHUNK", 37)
 
 
-@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def assert_bitwise_equal(got, ref):
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype, k
+        assert torch.equal(got[k], ref[k]), k
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 20], ids=["reread", "cached"])
 def test_engine_equals_in_memory(setup, tiny_chunks, method, params, cache_bytes):
+    # both run the method's registered prepare step and kernel: equal bit for bit
     tmp, base, experts, paths = setup
     out = tmp / "out"
     rep = merge_checkpoints(
@@ -107,10 +118,7 @@ def test_engine_equals_in_memory(setup, tiny_chunks, method, params, cache_bytes
     )
     ref = methods.merge(method, base, experts, **params)
     got = load_dir(out)
-    assert set(got) == set(ref)
-    for k in ref:
-        assert got[k].dtype == ref[k].dtype
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert_bitwise_equal(got, ref)
     assert rep.copied == ["position_ids"]
     assert torch.equal(got["position_ids"], base["position_ids"])
     assert sorted(rep.side_files) == ["config.json", "vocab.txt"]
@@ -141,12 +149,12 @@ def test_engine_mixed_dtypes_compute_fp32_write_base_dtype(tmp_path):
         assert torch.equal(got[k], ref[k]), k
 
 
-@pytest.mark.parametrize("method,params", [c for c in CASES if c[0] in HOT], ids=str)
+@pytest.mark.parametrize("method,params", CASES, ids=CASE_IDS)
 def test_engine_fp16_base_converted_slice_by_slice(tmp_path, monkeypatch, method, params):
     # a half-precision base larger than BaseF32.WHOLE is converted to float32 one chunk at a
     # time (never whole); the result must not change
-    monkeypatch.setattr(kernels, "CHUNK", 37)
-    monkeypatch.setattr(kernels.BaseF32, "WHOLE", 50)
+    monkeypatch.setattr(chunks, "CHUNK", 37)
+    monkeypatch.setattr(chunks.BaseF32, "WHOLE", 50)
     base = make_state(0, dtype=torch.float16)
     experts = {f"t{i}": make_state(10 + i, base=base) for i in range(3)}
     write_ckpt(tmp_path / "base", base, shards=1)
@@ -156,13 +164,75 @@ def test_engine_fp16_base_converted_slice_by_slice(tmp_path, monkeypatch, method
     merge_checkpoints(
         method, str(tmp_path / "base"), {t: str(tmp_path / t) for t in experts}, out, params
     )
-    ref = methods.merge(method, base, experts, **params)
-    got = load_dir(out)
-    for k in ref:
-        assert got[k].dtype == base[k].dtype
-        torch.testing.assert_close(got[k], ref[k], rtol=1e-3, atol=1e-3, msg=k)
-        if method == "task_arithmetic":
-            assert torch.equal(got[k], ref[k]), k
+    with monkeypatch.context() as m:  # the reference converts the base whole
+        m.setattr(chunks.BaseF32, "WHOLE", 1 << 22)
+        ref = methods.merge(method, base, experts, **params)
+    assert_bitwise_equal(load_dir(out), ref)
+
+
+def _spy_kernels(monkeypatch):
+    """Wrap every registered kernel and prepare step; record (method, tensor) per kernel call."""
+    calls = []
+    for name in methods.available():
+        spec = registry.get(name)
+
+        def kernel(inp, params, ctx, _spec=spec):
+            calls.append((_spec.name, inp.name))
+            return _spec.kernel(inp, params, ctx)
+
+        monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(spec, kernel=kernel))
+    return calls
+
+
+@pytest.mark.parametrize("method,params", CASES, ids=CASE_IDS)
+def test_engine_and_in_memory_run_the_registered_kernel(setup, monkeypatch, method, params):
+    # the kernel the registry holds is what both paths run, once per floating-point tensor
+    tmp, base, experts, paths = setup
+    calls = _spy_kernels(monkeypatch)
+    merge_checkpoints(method, str(tmp / "base"), paths, tmp / "out", params)
+    engine_calls = sorted(calls)
+    calls.clear()
+    methods.merge(method, base, experts, **params)
+    floating = sorted((method, k) for k, v in base.items() if v.is_floating_point())
+    assert engine_calls == floating
+    assert sorted(calls) == floating
+
+
+def test_engine_merges_a_newly_registered_method(setup):
+    # a method the engine has never heard of: one kernel, streamed and in memory alike
+    from pydantic import BaseModel, ConfigDict
+
+    class P(BaseModel):
+        model_config = ConfigDict(frozen=True, extra="forbid")
+        scaling: float = 0.5
+
+    @methods.register("_test_max_abs", P, paper="Nobody, 2099")
+    def max_abs(inp, params, ctx):  # the largest-magnitude task vector entry
+        tau = chunks.stacked(inp).reshape(len(inp.tasks), -1)
+        return tau.gather(0, tau.abs().argmax(0, keepdim=True))[0]
+
+    try:
+        tmp, base, experts, paths = setup
+        merge_checkpoints("_test_max_abs", str(tmp / "base"), paths, tmp / "out")
+        assert_bitwise_equal(load_dir(tmp / "out"), methods.merge("_test_max_abs", base, experts))
+    finally:
+        registry._REGISTRY.pop("_test_max_abs", None)
+
+
+def test_engine_has_no_method_code_of_its_own():
+    # the engine imports no method module: every formula it runs comes through the registry
+    method_modules = {registry.get(m).kernel.__module__ for m in methods.available()}
+    engine_dir = Path(methods.__file__).parents[1] / "engine"
+    for f in engine_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names = {a.name for a in node.names}
+            else:
+                continue
+            assert not names & method_modules, (f.name, names & method_modules)
+    assert not (engine_dir / "kernels.py").exists()
 
 
 def test_engine_output_is_sharded_and_atomic_replace(setup):
@@ -359,7 +429,7 @@ def test_kth_smallest_equals_kthvalue(q):
     x = torch.randn(300_000, generator=g).half().float().abs()  # many exact ties, like fp16 deltas
     x[:50_000] = 0.0
     k = max(1, int(q * x.numel()))
-    assert kernels.kth_smallest(x, k) == float(torch.kthvalue(x, k).values)
+    assert chunks.kth_smallest(x, k) == float(torch.kthvalue(x, k).values)
 
 
 def test_output_loads_with_automodel_from_pretrained(tmp_path):

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mergeflow import methods
 from mergeflow.methods import dare as dare_mod
-from mergeflow.methods.registry import tensor_seed
+from mergeflow.methods.dare import tensor_seed
 from mergeflow.tensors import MergeError
 
 REQUIRED = {"task_arithmetic", "ties", "dare", "consensus", "pcb", "emr", "tsv"}
@@ -63,7 +63,8 @@ def test_get_spec_shape():
     for name in methods.available():
         spec = methods.get(name)
         assert spec.name == name
-        assert callable(spec.fn)
+        assert callable(spec.kernel)
+        assert spec.prepare is None or callable(spec.prepare)
         assert issubclass(spec.params_model, BaseModel)
         assert spec.params_model.model_config["frozen"] is True
         assert spec.params_model.model_config["extra"] == "forbid"
@@ -103,23 +104,23 @@ def test_register_new_method_and_duplicate():
         model_config = ConfigDict(frozen=True, extra="forbid")
         shift: float = 0.0
 
-    @methods.register("_test_copy_base", P, paper="Nobody, 2099")
-    def copy_base(base, experts, params):
-        return {k: v.clone() for k, v in base.items()}
+    @methods.register("_test_shift", P, paper="Nobody, 2099")
+    def shift(inp, params, ctx):  # τ_merged = shift everywhere
+        return torch.full((inp.base.numel(),), params.shift)
 
     try:
-        assert "_test_copy_base" in methods.available()
-        out = methods.merge("_test_copy_base", _base(), _experts(), shift=1.0)
-        assert torch.equal(out["w"], _base()["w"])
+        assert "_test_shift" in methods.available()
+        out = methods.merge("_test_shift", _base(), _experts(), shift=1.5)
+        _close(out, w=[[2.5, 3.5, 4.5, 5.5]], v=[1.5, 1.5])
         with pytest.raises(ValueError, match="already registered"):
 
-            @methods.register("_test_copy_base", P, paper="x")
-            def other(base, experts, params):  # pragma: no cover
-                return base
+            @methods.register("_test_shift", P, paper="x")
+            def other(inp, params, ctx):  # pragma: no cover
+                return inp.base
     finally:
         from mergeflow.methods import registry
 
-        registry._REGISTRY.pop("_test_copy_base", None)
+        registry._REGISTRY.pop("_test_shift", None)
 
 
 def test_register_rejects_non_forbid_model():
@@ -130,21 +131,35 @@ def test_register_rejects_non_forbid_model():
         methods.register("_loose", Loose, paper="x")
 
 
-def test_merge_checks_method_output_contract():
+def test_merge_checks_kernel_output_size():
     class P(BaseModel):
         model_config = ConfigDict(frozen=True, extra="forbid")
 
-    @methods.register("_test_bad_dtype", P, paper="x")
-    def bad(base, experts, params):
-        return {k: v.double() if v.is_floating_point() else v for k, v in base.items()}
+    @methods.register("_test_bad_size", P, paper="x")
+    def bad(inp, params, ctx):
+        return torch.zeros(inp.base.numel() + 1)
 
     try:
-        with pytest.raises(MergeError, match="'w'"):
-            methods.merge("_test_bad_dtype", _base(), _experts())
+        with pytest.raises(MergeError, match=r"'_test_bad_size' returned 5 values for tensor 'w'"):
+            methods.merge("_test_bad_size", _base(), _experts())
     finally:
         from mergeflow.methods import registry
 
-        registry._REGISTRY.pop("_test_bad_dtype", None)
+        registry._REGISTRY.pop("_test_bad_size", None)
+
+
+def test_describe_params_reads_the_schema():
+    d = methods.describe_params("ties")
+    assert d["density"] == (
+        "density: float, 0 < density <= 1, fraction k of |τ| kept by the trim, default 0.2"
+    )
+    assert d["scope"].startswith("scope: one of 'tensor', 'global', ")
+    assert methods.describe_params("tsv")["fraction"].startswith(
+        "fraction: float | None, 0 < fraction <= 1, "
+    )
+    assert methods.describe_params("consensus")["tall_lambda"].startswith(
+        "tall_lambda: float | dict[str, float], 0 <= tall_lambda, "
+    )
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -245,15 +260,16 @@ def test_dare_l1_rescale_closed_form(fixed_dare_masks):
     _close(out, v=[9.85, 4.3])  # v keeps all -> ratio 1
 
 
-def test_dare_drop_and_rescale_helper():
-    tau = torch.tensor([3.0, -1.0, 0.5, 2.0])
-    keep = torch.tensor([True, False, True, False])
-    inv = dare_mod.drop_and_rescale(tau, keep, 0.5, "inverse")
-    torch.testing.assert_close(inv, torch.tensor([6.0, 0.0, 1.0, 0.0]))
-    l1 = dare_mod.drop_and_rescale(tau, keep, 0.5, "l1")
-    torch.testing.assert_close(l1, torch.tensor([3.0, 0.0, 0.5, 0.0]) * (6.5 / 3.5))
-    none = dare_mod.drop_and_rescale(tau, torch.zeros(4, dtype=torch.bool), 0.5, "l1")
-    assert torch.count_nonzero(none) == 0
+def test_dare_l1_with_nothing_kept_is_zero(monkeypatch):
+    # ‖m ⊙ τ‖₁ = 0: the L1 factor is left at 1 and the tensor contributes nothing
+    monkeypatch.setattr(
+        dare_mod, "keep_mask", lambda shape, *a: torch.zeros(tuple(shape), dtype=torch.bool)
+    )
+    for combine in ("task_arithmetic", "ties"):
+        out = methods.merge(
+            "dare", _base(), _experts(), drop_rate=0.5, rescale="l1", combine=combine
+        )
+        _close(out, w=BASE_W, v=[0.0, 0.0])
 
 
 def test_dare_keep_mask_rate_and_determinism():
@@ -673,17 +689,21 @@ def test_tsv_single_expert_full_rank_is_expert():
 @pytest.mark.parametrize("name", methods.available())
 def test_contract_merge_grid_equals_separate_merges(name, dtype, monkeypatch):
     """θ(λ) = θ_0 + λ·τ_merged with τ_merged independent of λ: the λ grid runs a method once."""
-    import dataclasses
-
     from mergeflow.methods import registry
 
     base, experts = contract_state(dtype, 3)
     grid = [0.3, 1.0, 0.0, 0.7]
-    spec, runs = registry.get(name), []
-    counted = dataclasses.replace(spec, fn=lambda *a: runs.append(1) or spec.fn(*a))
-    monkeypatch.setitem(registry._REGISTRY, name, counted)
+    spec, calls = registry.get(name), []
+
+    def counted(inp, params, ctx):
+        calls.append(inp.name)
+        return spec.kernel(inp, params, ctx)
+
+    monkeypatch.setitem(registry._REGISTRY, name, dataclasses.replace(spec, kernel=counted))
     got = list(methods.merge_grid(name, base, experts, grid))
-    assert len(runs) == 1, "the grid re-ran the method instead of reusing τ_merged"
+    assert sorted(calls) == sorted(k for k, v in base.items() if v.is_floating_point()), (
+        "the grid re-ran the kernels instead of reusing τ_merged"
+    )
     monkeypatch.setitem(registry._REGISTRY, name, spec)
     assert [lam for lam, _ in got] == grid
     for lam, sd in got:
@@ -699,24 +719,10 @@ def test_merge_grid_rejects_a_scaling_hyperparameter():
         list(methods.merge_grid("ties", base, experts, [0.3], scaling=0.5))
 
 
-def test_merge_grid_reruns_a_method_that_assembles_twice(monkeypatch):
-    """A method whose result is not one assemble(θ_0, τ, λ) must be re-run per λ, not reused."""
-    from mergeflow.methods import registry
-
-    def twice(base, experts, params):
-        keys = registry.mergeable_keys(base)
-        first = registry.assemble(base, ((k, torch.ones_like(base[k])) for k in keys), 1.0)
-        tau = ((k, first[k] - base[k]) for k in keys)  # depends on nothing but τ = 1
-        return registry.assemble(base, tau, params.scaling * params.scaling)  # not linear in λ
-
-    spec = registry.get("task_arithmetic")
-    import dataclasses
-
-    monkeypatch.setitem(registry._REGISTRY, "task_arithmetic", dataclasses.replace(spec, fn=twice))
+def test_merge_grid_validates_every_scaling_before_merging():
     base, experts = contract_state(torch.float32, 2)
-    for lam, sd in methods.merge_grid("task_arithmetic", base, experts, [0.5, 2.0]):
-        want = methods.merge("task_arithmetic", base, experts, scaling=lam)
-        assert torch.equal(sd["weight"], want["weight"]), lam
+    with pytest.raises(MergeError, match=r"'scaling'=-0.5 .*allowed: scaling: float, 0 <= scaling"):
+        next(methods.merge_grid("ties", base, experts, [0.3, -0.5]))
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 1 - 1e-12])

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +15,13 @@ from typing import Any
 
 import torch
 
-from mergeflow import methods
+from mergeflow import methods  # noqa: F401  (registers the methods)
 from mergeflow.io import atomic_dir
-from mergeflow.methods.pcb import PcbStats, balance, clip_ranks, drop_rank
-from mergeflow.methods.registry import _validate_params
-from mergeflow.tensors import MergeError, all_finite, is_mergeable, num_keep
+from mergeflow.methods.chunks import TensorInputs
+from mergeflow.methods.merging import assemble_tensor, prepare, resolve, scaling_of, tensor_delta
+from mergeflow.tensors import MergeError, all_finite, is_mergeable
 
-from . import kernels
 from .checkpoint import Checkpoint, check_same_architecture
-from .select import select_ranks
 from .writer import ShardedWriter
 
 _F32 = torch.float32
@@ -58,12 +57,17 @@ class MergeReport:
 
 
 class _Reader:
-    """Reads tensors (any thread), checks finiteness, counts bytes."""
+    """The checkpoints as a :class:`~mergeflow.methods.chunks.Source`.
+
+    Reads tensors (from any thread), checks that they are finite, counts the bytes read.
+    """
 
     def __init__(self, base: Checkpoint, experts: Mapping[str, Checkpoint]):
         self.base = base
         self.experts = experts
         self.tasks = list(experts)
+        self.names = [k for k in base.keys() if base.dtype(k).is_floating_point]
+        self.passes = 0
         self._lock = threading.Lock()
         self.bytes = 0
 
@@ -87,76 +91,22 @@ class _Reader:
         task = self.tasks[i]
         return self.read(self.experts[task], f"expert '{task}'", name)
 
+    def numel(self, name: str) -> int:
+        return math.prod(self.base.shape(name))
 
-def _resolve(method: str, hyper: Mapping[str, Any]):
-    spec = methods.get(method)
-    params = _validate_params(spec, dict(hyper))
-    return spec, params
+    def inputs(
+        self, name: str, base: torch.Tensor | None = None, held: list[torch.Tensor] | None = None
+    ) -> TensorInputs:
+        """Tensor ``name``: experts from ``held`` when read ahead, else read on each call."""
+        if held is not None:
+            expert = held.__getitem__
+        else:
 
+            def expert(i: int) -> torch.Tensor:
+                return self.expert_t(i, name)
 
-def _stats_chunks(
-    reader: _Reader, names: list[str], fn: Callable[[torch.Tensor], torch.Tensor]
-) -> Callable[[], Iterator[torch.Tensor]]:
-    """Chunks ``fn(τ)`` of shape ``(T, m)`` over all mergeable tensors, re-read per call."""
-    T = len(reader.tasks)
-
-    def gen() -> Iterator[torch.Tensor]:
-        for name in names:
-            bf = kernels.BaseF32(reader.base_t(name))
-            es = [reader.expert_t(i, name).reshape(-1) for i in range(T)]
-            for s in kernels._ranges(bf.numel()):
-                tau = torch.stack([kernels._tau(e, bf, s) for e in es])
-                yield fn(tau)
-
-    return gen
-
-
-def _global_stats(method: str, params, reader: _Reader, names: list[str]):
-    """Whole-model statistics by streaming passes; ``None`` if the method needs none."""
-    T = len(reader.tasks)
-    n = sum(_numel(reader.base.shape(k)) for k in names)
-    if n == 0:
-        return None, 0
-    if method == "ties" and params.scope == "global":
-        k = num_keep(n, params.density)
-        if params.density >= 1.0 or k >= n:
-            return [0.0] * T, 0
-        vals = select_ranks(_stats_chunks(reader, names, torch.abs), T, [n - k])
-        return [float(v) for v in vals[:, 0]], 2
-    if method == "pcb" and params.scope == "global":
-        i_lo, i_hi = (min(max(i, 0), n - 1) for i in clip_ranks(n, params.clip))
-        q = select_ranks(_stats_chunks(reader, names, torch.abs), T, [i_lo, i_hi])
-        lo, hi = q[:, 0].contiguous(), q[:, 1].contiguous()
-        top = torch.full((T,), float("-inf"))
-
-        def beta(tau: torch.Tensor) -> torch.Tensor:
-            bt = balance(tau, lo, hi)
-            torch.maximum(top, bt.amax(dim=1), out=top)
-            return bt
-
-        i_thr = min(max(drop_rank(n, params.ratio), 0), n - 1)
-        thr = select_ranks(_stats_chunks(reader, names, beta), T, [i_thr])[:, 0].contiguous()
-        return PcbStats(lo=lo, hi=hi, thr=thr, top=top), 4
-    return None, 0
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _kernel(method: str, params, hyper: dict, stats) -> Callable[[kernels.TensorInputs], Any]:
-    if method == "task_arithmetic":
-        return lambda inp: kernels.task_arithmetic(inp, params)
-    if method == "ties":
-        return lambda inp: kernels.ties(inp, params, stats)
-    if method == "dare":
-        return lambda inp: kernels.dare(inp, params)
-    if method == "pcb" and stats is not None:
-        return lambda inp: kernels.pcb(inp, stats)
-    return None  # generic: the registered method on one tensor
+        b = self.base_t(name) if base is None else base
+        return TensorInputs(name=name, base=b, tasks=self.tasks, expert=expert)
 
 
 def merge_checkpoints(
@@ -175,10 +125,12 @@ def merge_checkpoints(
     """Merge safetensors checkpoints tensor by tensor into ``out`` (atomically).
 
     ``θ = θ_0 + λ·τ_merged`` per tensor, computed in float32 and written in the base dtype, with
-    the same result as :func:`mergeflow.methods.merge` on the whole state dicts. Inputs are read
-    lazily through :class:`~mergeflow.io.SafetensorsFile` (local or fsspec URLs, sharded or not);
-    methods with whole-model statistics (TIES ``scope=global``, PCB ``scope=global``) first
-    stream over the inputs to compute them exactly. Integer/bool tensors are copied from the
+    bitwise the same result as :func:`mergeflow.methods.merge` on the whole state dicts: both run
+    the method's registered prepare step and per-tensor kernel (:mod:`mergeflow.methods.registry`)
+    and the same ``θ_0 + λ·τ`` step; the engine has no formula of its own. Inputs are read lazily
+    through :class:`~mergeflow.io.SafetensorsFile` (local or fsspec URLs, sharded or not); a
+    method with whole-model statistics (TIES ``scope=global``, PCB ``scope=global``) streams over
+    the inputs in its prepare step to compute them exactly. Integer/bool tensors are copied from the
     base and listed; config/tokenizer files are copied so ``AutoModel.from_pretrained(out)``
     works. Nothing is written to ``out`` unless the whole merge succeeds.
 
@@ -207,8 +159,7 @@ def merge_checkpoints(
 
     """
     t0 = time.perf_counter()
-    spec, pobj = _resolve(method, params or {})
-    hyper = dict(params or {})
+    spec, pobj = resolve(method, params or {})
     if not experts:
         raise MergeError("no experts given: merging needs at least one fine-tuned expert")
     for task in experts:
@@ -220,18 +171,16 @@ def merge_checkpoints(
     reader = _Reader(base_ck, ex_ck)
     T = len(ex_ck)
     names = base_ck.keys()
-    mergeable = [k for k in names if base_ck.dtype(k).is_floating_point]
-    stats, passes = _global_stats(method, pobj, reader, mergeable)
-    kern = _kernel(method, pobj, hyper, stats)
-    scaling = float(getattr(pobj, "scaling", 1.0))
+    ctx = prepare(spec, pobj, reader)  # whole-model statistics: streaming passes, if any
+    scaling = scaling_of(pobj)
     report = MergeReport(out=str(out), method=spec.name, params=pobj.model_dump())
-    report.passes = 1 + passes
+    report.passes = 1 + reader.passes
 
     def load(name: str) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         b = reader.base_t(name)
         if not is_mergeable(name, b):
             return b, None
-        if T * base_ck.nbytes(name) > cache_bytes and kern is not None:
+        if T * base_ck.nbytes(name) > cache_bytes:
             return b, None
         return b, [reader.expert_t(i, name) for i in range(T)]
 
@@ -242,7 +191,7 @@ def merge_checkpoints(
 
     def cost(name: str) -> int:
         nb = base_ck.nbytes(name)
-        return nb if T * nb > cache_bytes and kern is not None else (T + 1) * nb
+        return nb if T * nb > cache_bytes else (T + 1) * nb
 
     def fill() -> None:
         # read ahead while the bytes held by queued reads stay within cache_bytes
@@ -275,9 +224,11 @@ def merge_checkpoints(
                         writer.write(name, b)
                         report.copied.append(name)
                     else:
-                        writer.write(
-                            name, _merge_one(name, b, es, reader, kern, method, hyper, scaling)
-                        )
+                        # the method's kernel, then θ_0 + λ·τ in place on its fresh float32
+                        # buffer: the same two steps as mergeflow.methods.merge
+                        tau = tensor_delta(spec, pobj, ctx, reader.inputs(name, b, es))
+                        writer.write(name, assemble_tensor(name, b, tau, scaling))
+                        del tau
                         report.merged.append(name)
                     bar.advance()
                 writer.close()
@@ -337,33 +288,6 @@ def _check_out_apart(out: str | Path, base: str, experts: Mapping[str, str]) -> 
                 f"--out {out} would replace {label} ({p}): choose an output directory outside "
                 "the inputs"
             )
-
-
-def _merge_one(name, b, es, reader, kern, method, hyper, scaling) -> torch.Tensor:
-    T = len(reader.tasks)
-    if es is not None:
-        expert = es.__getitem__
-    else:
-
-        def expert(i: int) -> torch.Tensor:
-            return reader.expert_t(i, name)
-
-    inp = kernels.TensorInputs(name=name, base=b, tasks=reader.tasks, expert=expert)
-    if kern is None:
-        if es is None:
-            es = [expert(i) for i in range(T)]
-            inp.expert = es.__getitem__
-        return kernels.generic(inp, method, hyper)
-    # θ_0 + λ·τ in place on the kernel's fresh float32 buffer; same operations, hence the same
-    # rounding, as mergeflow.methods.registry.assemble
-    delta = kern(inp).reshape(b.shape)
-    m = delta.mul_(scaling).add_(b).to(b.dtype)
-    del delta
-    if not all_finite(m):
-        raise MergeError(
-            f"merged tensor '{name}' is not finite in {b.dtype} (overflow? lower the scaling)"
-        )
-    return m
 
 
 class _Progress:

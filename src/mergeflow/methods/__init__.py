@@ -1,4 +1,4 @@
-"""Merge-method registry and the built-in methods.
+"""Merge methods: one module per method (its per-tensor kernel + typed params), and the registry.
 
 Adding a method = one module in this package + one line in the import block below (importing
 a method module registers it).
@@ -15,16 +15,10 @@ from mergeflow.methods import (  # noqa: F401  (imported for their @register sid
     ties,
     tsv,
 )
-from mergeflow.methods.registry import (
-    MethodParams,
-    MethodSpec,
-    available,
-    describe_params,
-    get,
-    merge,
-    merge_grid,
-    register,
-)
+from mergeflow.methods.grid import merge_grid
+from mergeflow.methods.merging import merge
+from mergeflow.methods.params import MethodParams, describe_params
+from mergeflow.methods.registry import MethodSpec, available, get, register
 
 __all__ = [
     "MethodParams",

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from mergeflow.methods.registry import (
-    MethodParams,
-    assemble,
-    mergeable_keys,
-    register,
-    stacked_deltas,
-)
-from mergeflow.tensors import MergeError, StateDict
+from mergeflow.methods.chunks import TensorInputs, stacked
+from mergeflow.methods.params import MethodParams
+from mergeflow.methods.registry import register
 
 PAPER = (
     "Davari, Belilovsky. Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse "
@@ -85,33 +78,25 @@ def breadcrumbs_mask(t: torch.Tensor, beta: float, gamma: float) -> torch.Tensor
 
 
 @register("breadcrumbs", BreadcrumbsParams, paper=PAPER)
-def breadcrumbs(
-    base: StateDict, experts: Mapping[str, StateDict], params: BreadcrumbsParams
-) -> StateDict:
-    """Model Breadcrumbs: mask small and outlier deltas per tensor, then task arithmetic.
+def breadcrumbs(inp: TensorInputs, params: BreadcrumbsParams, ctx: None = None) -> torch.Tensor:
+    """Model Breadcrumbs of one tensor: mask small and outlier deltas, then sum.
 
     ``τ̂_t = τ_t ⊙ 1[lo_t ≤ |τ_t| < hi_t]`` per tensor, where ``lo_t``/``hi_t`` are the β and γ
-    magnitude percentiles (see :func:`breadcrumbs_mask`); ``θ = θ_0 + α Σ_t τ̂_t``.
-    Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse
-    Masks" (2023). Defaults β = 0.85, γ = 0.993 are the paper's (kept density 14.3%).
+    magnitude percentiles (see :func:`breadcrumbs_mask`); ``τ_merged = Σ_t τ̂_t`` and
+    ``θ = θ_0 + α τ_merged``. Davari & Belilovsky, "Model Breadcrumbs: Scaling Multi-Task Model
+    Merging with Sparse Masks" (2023). Defaults β = 0.85, γ = 0.993 are the paper's (kept
+    density 14.3%). The percentiles need each task's whole tensor (:func:`~.chunks.stacked`).
 
     Args:
-        base: Pre-trained state dict ``θ_0``.
-        experts: Task -> fine-tuned state dict (already validated).
-        params: ``beta``, ``gamma``, ``scaling`` (α).
+        inp: The tensor's base value and expert readers.
+        params: ``beta``, ``gamma``, ``scaling`` (α, applied by the caller).
+        ctx: Unused.
 
     Returns:
-        Merged state dict in ``base``'s dtypes.
+        ``τ_merged`` (the base tensor's shape), float32.
 
     """
-    if params.beta >= params.gamma:  # pragma: no cover - enforced by the params model
-        raise MergeError("breadcrumbs: beta must be < gamma")
-
-    def deltas() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in mergeable_keys(base):
-            tau = stacked_deltas(base, experts, name)
-            for i in range(tau.shape[0]):
-                tau[i].masked_fill_(~breadcrumbs_mask(tau[i], params.beta, params.gamma), 0.0)
-            yield name, tau.sum(dim=0)
-
-    return assemble(base, deltas(), params.scaling)
+    tau = stacked(inp)
+    for i in range(tau.shape[0]):
+        tau[i].masked_fill_(~breadcrumbs_mask(tau[i], params.beta, params.gamma), 0.0)
+    return tau.sum(dim=0)

@@ -8,13 +8,9 @@ from dataclasses import dataclass
 import torch
 from pydantic import Field
 
-from mergeflow.methods.registry import (
-    MethodParams,
-    assemble,
-    mergeable_keys,
-    register,
-    stacked_deltas,
-)
+from mergeflow.methods.chunks import StateDictSource, TensorInputs, column_chunks, stacked
+from mergeflow.methods.params import MethodParams
+from mergeflow.methods.registry import register
 from mergeflow.tensors import MergeError, StateDict, check_compatible, is_mergeable
 
 PAPER = (
@@ -92,13 +88,14 @@ def emr_decompose(
 
     """
     check_compatible(base, experts)
-    tasks = list(experts)
+    source = StateDictSource(base, experts)
+    tasks = source.tasks
     unified: dict[str, torch.Tensor] = {}
     masks: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
     num = torch.zeros(len(tasks), dtype=torch.float64)
     den = torch.zeros(len(tasks), dtype=torch.float64)
-    for name in mergeable_keys(base):
-        tau = stacked_deltas(base, experts, name)
+    for name in source.names:
+        tau = stacked(source.inputs(name))
         uni = elect(tau)
         unified[name] = uni
         for i, t in enumerate(tasks):
@@ -162,26 +159,25 @@ def emr_task_models(
 
 
 @register("emr", EmrParams, paper=PAPER)
-def emr(base: StateDict, experts: Mapping[str, StateDict], params: EmrParams) -> StateDict:
-    """EMR-Merging's unified model, ``θ_uni = θ_0 + λ · τ_uni``.
+def emr(inp: TensorInputs, params: EmrParams, ctx: None = None) -> torch.Tensor:
+    """EMR-Merging's unified task vector of one tensor, ``τ_uni`` (:func:`elect`).
 
-    ``τ_uni = sgn(Σ_t τ_t) ⊙ max_{t agreeing} |τ_t|`` (Elect). The per-task masks ``M_t`` and
-    rescalers ``λ_t`` that turn it into task-specific models are produced by
-    :func:`emr_decompose` / :func:`emr_task_models`. Huang et al., "EMR-Merging: Tuning-Free
-    High-Performance Model Merging" (NeurIPS 2024). Element-wise, one tensor at a time.
+    ``τ_uni = sgn(Σ_t τ_t) ⊙ max_{t agreeing} |τ_t|`` (Elect); the unified model is
+    ``θ_uni = θ_0 + λ · τ_uni``. The per-task masks ``M_t`` and rescalers ``λ_t`` that turn it
+    into task-specific models are produced by :func:`emr_decompose` / :func:`emr_task_models`.
+    Huang et al., "EMR-Merging: Tuning-Free High-Performance Model Merging" (NeurIPS 2024).
+    Element-wise, so it runs on ``(T, CHUNK)`` column chunks.
 
     Args:
-        base: Pre-trained state dict ``θ_0``.
-        experts: Task -> fine-tuned state dict (already validated).
-        params: ``scaling`` (λ, 1 in the paper).
+        inp: The tensor's base value and expert readers.
+        params: ``scaling`` (λ, 1 in the paper; applied by the caller).
+        ctx: Unused.
 
     Returns:
-        Merged state dict in ``base``'s dtypes.
+        Flat float32 ``τ_uni``.
 
     """
-
-    def deltas():
-        for name in mergeable_keys(base):
-            yield name, elect(stacked_deltas(base, experts, name))
-
-    return assemble(base, deltas(), params.scaling)
+    out = torch.empty(inp.base.numel(), dtype=torch.float32, device=inp.base.device)
+    for s, tau in column_chunks(inp):
+        out[s] = elect(tau)
+    return out

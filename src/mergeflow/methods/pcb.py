@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
-from mergeflow.methods.registry import (
-    MethodParams,
-    assemble,
-    mergeable_keys,
-    register,
-    stacked_deltas,
+from mergeflow.methods.chunks import (
+    Source,
+    TensorInputs,
+    column_chunks,
+    model_chunks,
+    total_numel,
 )
-from mergeflow.tensors import StateDict
+from mergeflow.methods.params import MethodParams
+from mergeflow.methods.registry import register
+from mergeflow.methods.select import select_ranks
 
 PAPER = (
     "Du, Lee, Li, Jiang, Guo, Liu, Wu, Zhou, Zhang. Parameter Competition Balancing for Model "
@@ -59,13 +61,6 @@ class PcbStats:
     hi: torch.Tensor
     thr: torch.Tensor
     top: torch.Tensor
-
-
-def _rank_value(x: torch.Tensor, idx: int) -> torch.Tensor:
-    """Value at 0-based position ``idx`` of each row of ``x`` sorted ascending (no sort)."""
-    n = x.shape[-1]
-    idx = min(max(idx, 0), n - 1)
-    return torch.kthvalue(x, idx + 1, dim=-1).values
 
 
 def clip_ranks(n: int, clip: float) -> tuple[int, int]:
@@ -134,43 +129,68 @@ def merge_tensor(tau: torch.Tensor, stats: PcbStats) -> torch.Tensor:
     return (w * clipped).sum(dim=0) / w.sum(dim=0).clamp_min(1e-12)
 
 
-def stats_of(flat: torch.Tensor, params: PcbParams) -> PcbStats:
-    """Per-task statistics of ``flat`` (``(T, n)`` float32 task vectors), by ``kthvalue``.
+def statistics(
+    chunks: Callable[
+        [Callable[[torch.Tensor], torch.Tensor]], Callable[[], Iterator[torch.Tensor]]
+    ],
+    n_tasks: int,
+    n: int,
+    params: PcbParams,
+) -> PcbStats:
+    """Per-task statistics of a ``(T, n)`` matrix of task vectors seen in column chunks.
+
+    ``lo``/``hi``: ``|τ_t|`` at ranks :func:`clip_ranks`; ``thr``: ``β_t`` (:func:`balance` with
+    those clips) at rank :func:`drop_rank`; ``top = max β_t``. Exact order statistics by
+    :func:`~mergeflow.methods.select.select_ranks` (``torch.kthvalue``'s values, no sort): over
+    the whole model for ``scope="global"`` (streamed, four passes) or one tensor. Du et al.,
+    NeurIPS 2024.
 
     Args:
-        flat: Task vectors, one row per task.
+        chunks: ``chunks(fn)`` returns a re-callable stream of ``fn((T, m) τ chunk)``.
+        n_tasks: ``T``.
+        n: Number of columns (parameters).
         params: ``ratio`` and ``clip``.
 
     Returns:
         :class:`PcbStats`.
 
     """
-    n = flat.shape[1]
-    mag = flat.abs()
-    i_lo, i_hi = clip_ranks(n, params.clip)
-    lo, hi = _rank_value(mag, i_lo), _rank_value(mag, i_hi)
-    del mag
-    beta = balance(flat, lo, hi)
-    thr = _rank_value(beta, drop_rank(n, params.ratio))
-    return PcbStats(lo=lo, hi=hi, thr=thr, top=beta.max(dim=1).values)
+    i_lo, i_hi = (min(max(i, 0), n - 1) for i in clip_ranks(n, params.clip))
+    q = select_ranks(chunks(torch.abs), n_tasks, [i_lo, i_hi])
+    lo, hi = q[:, 0].contiguous(), q[:, 1].contiguous()
+    top = torch.full((n_tasks,), float("-inf"))
+
+    def beta(tau: torch.Tensor) -> torch.Tensor:
+        bt = balance(tau, lo, hi)
+        torch.maximum(top, bt.amax(dim=1), out=top)
+        return bt
+
+    i_thr = min(max(drop_rank(n, params.ratio), 0), n - 1)
+    thr = select_ranks(chunks(beta), n_tasks, [i_thr])[:, 0].contiguous()
+    return PcbStats(lo=lo, hi=hi, thr=thr, top=top)
 
 
-def _flat_deltas(
-    base: Mapping[str, torch.Tensor],
-    experts: Mapping[str, Mapping[str, torch.Tensor]],
-    keys: Sequence[str],
-) -> torch.Tensor:
-    return torch.cat(
-        [stacked_deltas(base, experts, k).reshape(len(experts), -1) for k in keys], dim=1
-    )
+def global_statistics(params: PcbParams, source: Source) -> PcbStats | None:
+    """:func:`statistics` over every task's whole flattened task vector (``scope="global"``).
+
+    Returns:
+        The statistics, or ``None`` for ``scope="tensor"`` (the kernel then computes them per
+        tensor) or a model without parameters.
+
+    """
+    n = total_numel(source)
+    if params.scope != "global" or n == 0:
+        return None
+    return statistics(lambda fn: model_chunks(source, fn), len(source.tasks), n, params)
 
 
-@register("pcb", PcbParams, paper=PAPER)
-def pcb(base: StateDict, experts: Mapping[str, StateDict], params: PcbParams) -> StateDict:
-    """PCB merging: balance parameter competition within and across tasks, drop, rescale.
+@register("pcb", PcbParams, paper=PAPER, prepare=global_statistics)
+def pcb(inp: TensorInputs, params: PcbParams, stats: PcbStats | None) -> torch.Tensor:
+    """PCB merging of one tensor: balance parameter competition within and across tasks.
 
     With ``τ_t = θ_t − θ_0`` and ``T`` tasks, per task over the flattened task vector
-    (``scope="global"``, as the authors' code) or per tensor:
+    (``scope="global"``, as the authors' code; statistics from :func:`global_statistics`) or
+    per tensor (computed here by :func:`statistics`):
 
     1. Intra-balancing ``β_intra,t = exp(T · norm(τ̄_t ⊙ τ̄_t))`` (``τ̄_t``: magnitudes clipped to
        their ``clip``/``1−clip`` quantiles; ``norm``: min-max to ``[0, 1]``).
@@ -179,27 +199,27 @@ def pcb(base: StateDict, experts: Mapping[str, StateDict], params: PcbParams) ->
        normalised: ``w_t = norm(clamp(β_t, q_{1−r}, max β_t))`` (dropped entries get 0).
     4. Rescale and merge: ``τ_m = Σ_t w_t ⊙ τ̄_t / Σ_t w_t``; ``θ = θ_0 + λ τ_m``.
 
-    Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024). Quantiles use
-    ``torch.kthvalue`` (no sort).
+    Du et al., "Parameter Competition Balancing for Model Merging" (NeurIPS 2024). Steps 1–4 are
+    element-wise given the statistics, so they run on ``(T, CHUNK)`` column chunks
+    (:func:`merge_tensor`).
 
     Args:
-        base: Pre-trained state dict ``θ_0``.
-        experts: Task -> fine-tuned state dict (already validated).
-        params: ``ratio``, ``clip``, ``scaling`` (λ), ``scope``.
+        inp: The tensor's base value and expert readers.
+        params: ``ratio``, ``clip``, ``scaling`` (λ, applied by the caller), ``scope``.
+        stats: Whole-model statistics, or ``None`` for per-tensor ones.
 
     Returns:
-        Merged state dict in ``base``'s dtypes.
+        Flat float32 ``τ_m``.
 
     """
-    keys = mergeable_keys(base)
-    stats = None
-    if params.scope == "global" and keys:
-        stats = stats_of(_flat_deltas(base, experts, keys), params)
-
-    def deltas():
-        for name in keys:
-            tau = stacked_deltas(base, experts, name)
-            st = stats if stats is not None else stats_of(tau.reshape(tau.shape[0], -1), params)
-            yield name, merge_tensor(tau, st)
-
-    return assemble(base, deltas(), params.scaling)
+    n = inp.base.numel()
+    out = torch.zeros(n, dtype=_F32, device=inp.base.device)
+    if n == 0:
+        return out
+    if stats is None:
+        stats = statistics(
+            lambda fn: lambda: (fn(tau) for _, tau in column_chunks(inp)), len(inp.tasks), n, params
+        )
+    for s, tau in column_chunks(inp):
+        out[s] = merge_tensor(tau, stats)
+    return out

@@ -15,19 +15,13 @@ layer; per-tensor statistics also let the streaming engine run it tensor by tens
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
 import torch
 from pydantic import Field
 
-from mergeflow.methods.registry import (
-    MethodParams,
-    assemble,
-    mergeable_keys,
-    register,
-    stacked_deltas,
-)
-from mergeflow.tensors import MergeError, StateDict, magnitude_threshold
+from mergeflow.methods.chunks import Source, TensorInputs, stacked
+from mergeflow.methods.params import MethodParams
+from mergeflow.methods.registry import register
+from mergeflow.tensors import MergeError, magnitude_threshold
 
 PAPER = (
     "Liu, Dolan-Gavitt, Garg. Fine-Pruning: Defending Against Backdooring Attacks on Deep Neural "
@@ -48,37 +42,41 @@ class PruneSuspectParams(MethodParams):
     scaling: float = Field(0.3, ge=0, description="λ applied to the summed task vectors")
 
 
-@register("prune_suspect", PruneSuspectParams, paper=PAPER)
-def prune_suspect(
-    base: StateDict, experts: Mapping[str, StateDict], params: PruneSuspectParams
-) -> StateDict:
-    """Task arithmetic after zeroing the suspect's top-``top`` magnitude entries (module doc).
-
-    Args:
-        base: Pre-trained state dict ``θ_0``.
-        experts: Task -> fine-tuned state dict (already validated).
-        params: ``suspect``, ``top``, ``scaling`` (λ).
-
-    Returns:
-        Merged state dict in ``base``'s dtypes.
+def pruned_tasks(params: PruneSuspectParams, source: Source) -> list[int]:
+    """Indices of the experts whose top entries are pruned (the suspect, or all of them).
 
     Raises:
         MergeError: ``suspect`` names no expert.
+
     """
-    tasks = list(experts)
-    if params.suspect is not None and params.suspect not in experts:
+    if params.suspect is None:
+        return list(range(len(source.tasks)))
+    if params.suspect not in source.tasks:
         raise MergeError(
-            f"prune_suspect: suspect {params.suspect!r} is not one of the experts ({tasks})"
+            f"prune_suspect: suspect {params.suspect!r} is not one of the experts ({source.tasks})"
         )
-    pruned = [tasks.index(params.suspect)] if params.suspect is not None else range(len(tasks))
+    return [source.tasks.index(params.suspect)]
 
-    def deltas() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in mergeable_keys(base):
-            tau = stacked_deltas(base, experts, name)
-            for i in pruned:
-                row = tau[i]
-                if row.numel():
-                    row.masked_fill_(row.abs() >= magnitude_threshold(row, params.top), 0.0)
-            yield name, tau.sum(0)
 
-    return assemble(base, deltas(), params.scaling)
+@register("prune_suspect", PruneSuspectParams, paper=PAPER, prepare=pruned_tasks)
+def prune_suspect(inp: TensorInputs, params: PruneSuspectParams, pruned: list[int]) -> torch.Tensor:
+    """Task arithmetic of one tensor after zeroing the suspects' top-``top`` entries (module doc).
+
+    ``τ_merged = Σ_{t ∉ S} τ_t + Σ_{s ∈ S} τ_s ⊙ 1[|τ_s| < thr_s]``, ``thr_s`` the ``(1 − top)``
+    quantile of ``|τ_s|`` in this tensor (:func:`~mergeflow.tensors.magnitude_threshold`).
+
+    Args:
+        inp: The tensor's base value and expert readers.
+        params: ``suspect``, ``top``, ``scaling`` (λ, applied by the caller).
+        pruned: Expert indices from :func:`pruned_tasks`.
+
+    Returns:
+        ``τ_merged`` (the base tensor's shape), float32.
+
+    """
+    tau = stacked(inp)
+    for i in pruned:
+        row = tau[i]
+        if row.numel():
+            row.masked_fill_(row.abs() >= magnitude_threshold(row, params.top), 0.0)
+    return tau.sum(0)

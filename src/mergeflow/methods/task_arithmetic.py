@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-
 import torch
 from pydantic import Field
 
-from mergeflow.methods.registry import (
-    MethodParams,
-    assemble,
-    mergeable_keys,
-    per_task,
-    register,
-    stacked_deltas,
-)
-from mergeflow.tensors import StateDict
+from mergeflow.methods.chunks import BaseF32, Source, TensorInputs, ranges, task_slice
+from mergeflow.methods.params import MethodParams
+from mergeflow.methods.registry import register
+from mergeflow.tensors import per_task
 
 PAPER = (
     "Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi. "
@@ -33,33 +26,39 @@ class TaskArithmeticParams(MethodParams):
     )
 
 
-@register("task_arithmetic", TaskArithmeticParams, paper=PAPER)
-def task_arithmetic(
-    base: StateDict, experts: Mapping[str, StateDict], params: TaskArithmeticParams
-) -> StateDict:
-    """Merge by adding scaled task vectors, ``θ = θ_0 + λ Σ_t w_t τ_t``.
-
-    ``τ_t = θ_t − θ_0``; ``w_t = 1`` unless ``weights`` is given. Ilharco et al., "Editing
-    Models with Task Arithmetic" (ICLR 2023). Computed one tensor at a time in float32.
-
-    Args:
-        base: Pre-trained state dict ``θ_0``.
-        experts: Task -> fine-tuned state dict (already validated).
-        params: ``scaling`` (λ) and optional per-task ``weights``.
-
-    Returns:
-        Merged state dict in ``base``'s dtypes.
+def task_weights(params: TaskArithmeticParams, source: Source) -> dict[str, float]:
+    """``task -> w_t`` (1 each unless ``weights`` is given).
 
     Raises:
         MergeError: If ``weights`` misses a task or names an unknown one.
 
     """
-    w = per_task(params.weights, experts, "weights", 1.0)
-    wt = torch.tensor([w[t] for t in experts], dtype=torch.float32)
+    return per_task(params.weights, source.tasks, "weights", 1.0)
 
-    def deltas() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in mergeable_keys(base):
-            tau = stacked_deltas(base, experts, name)
-            yield name, torch.tensordot(wt.to(tau.device), tau, dims=([0], [0]))
 
-    return assemble(base, deltas(), params.scaling)
+@register("task_arithmetic", TaskArithmeticParams, paper=PAPER, prepare=task_weights)
+def task_arithmetic(
+    inp: TensorInputs, params: TaskArithmeticParams, weights: dict[str, float]
+) -> torch.Tensor:
+    """Sum of weighted task vectors of one tensor, ``τ_merged = Σ_t w_t τ_t``.
+
+    ``τ_t = θ_t − θ_0``; the merged model is ``θ = θ_0 + λ Σ_t w_t τ_t``. Ilharco et al.,
+    "Editing Models with Task Arithmetic" (ICLR 2023). Accumulated expert by expert in float32
+    chunks (one expert's tensor read at a time).
+
+    Args:
+        inp: The tensor's base value and expert readers.
+        params: ``scaling`` (λ, applied by the caller) and ``weights``.
+        weights: ``task -> w_t`` from :func:`task_weights`.
+
+    Returns:
+        Flat float32 ``τ_merged``.
+
+    """
+    bf = BaseF32(inp.base)
+    acc = torch.zeros(bf.numel(), dtype=torch.float32, device=bf.device)
+    for i, t in enumerate(inp.tasks):
+        e = inp.expert(i).reshape(-1)
+        for s in ranges(bf.numel()):
+            acc[s].add_(task_slice(e, bf, s), alpha=weights[t])
+    return acc

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 from pydantic import Field
 
-from mergeflow.methods.registry import (
-    MethodParams,
-    assemble,
-    mergeable_keys,
-    register,
-    stacked_deltas,
-)
-from mergeflow.tensors import StateDict
+from mergeflow.methods.chunks import TensorInputs, stacked
+from mergeflow.methods.params import MethodParams
+from mergeflow.methods.registry import register
 
 PAPER = (
     "Gargiulo, Crisostomi, Bucarelli, Scardapane, Silvestri, Rodolà. Task Singular Vectors: "
@@ -70,32 +63,26 @@ def merge_matrix(tau: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 @register("tsv", TsvParams, paper=PAPER)
-def tsv(base: StateDict, experts: Mapping[str, StateDict], params: TsvParams) -> StateDict:
-    """TSV-Merge: per matrix, merge task singular vectors after decorrelating them.
+def tsv(inp: TensorInputs, params: TsvParams, ctx: None = None) -> torch.Tensor:
+    """TSV-Merge of one tensor: merge task singular vectors after decorrelating them.
 
-    2-D tensors: :func:`merge_matrix` (``Δ = U_⊥ Σ V_⊥ᵀ``). Other tensors (biases, norms,
-    scalars): the mean ``Σ_t τ_t / T``, as the authors' code. ``θ = θ_0 + α Δ`` with ``α = 1``
-    (paper). Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model
-    Merging" (CVPR 2025). Each matrix only needs its own ``T`` task vectors, so it runs one
-    tensor at a time.
+    2-D tensors: :func:`merge_matrix` (``Δ = U_⊥ Σ V_⊥ᵀ``) with ``fraction`` (default ``1/T``,
+    the paper's). Other tensors (biases, norms, scalars): the mean ``Σ_t τ_t / T``, as the
+    authors' code. ``θ = θ_0 + α Δ`` with ``α = 1`` (paper). Gargiulo et al., "Task Singular
+    Vectors: Reducing Task Interference in Model Merging" (CVPR 2025). A matrix needs its ``T``
+    whole task vectors (an SVD each), so the kernel holds them (:func:`~.chunks.stacked`).
 
     Args:
-        base: Pre-trained state dict ``θ_0``.
-        experts: Task -> fine-tuned state dict (already validated).
-        params: ``scaling`` (α), ``fraction`` (default ``1/T``).
+        inp: The tensor's base value and expert readers.
+        params: ``scaling`` (α, applied by the caller), ``fraction``.
+        ctx: Unused.
 
     Returns:
-        Merged state dict in ``base``'s dtypes.
+        ``Δ`` (the base tensor's shape), float32.
 
     """
-    frac = params.fraction if params.fraction is not None else 1.0 / len(experts)
-
-    def deltas():
-        for name in mergeable_keys(base):
-            tau = stacked_deltas(base, experts, name)
-            if tau.dim() == 3 and min(tau.shape[1:]) > 0:
-                yield name, merge_matrix(tau, frac)
-            else:
-                yield name, tau.mean(dim=0)
-
-    return assemble(base, deltas(), params.scaling)
+    tau = stacked(inp)
+    if tau.dim() == 3 and min(tau.shape[1:]) > 0:
+        frac = params.fraction if params.fraction is not None else 1.0 / len(inp.tasks)
+        return merge_matrix(tau, frac)
+    return tau.mean(dim=0)

@@ -4,6 +4,7 @@ Float32 values map to 32-bit keys whose integer order is the float order. Pass 1
 16 bits, which fixes the bucket holding each requested rank; pass 2 counts the low 16 bits inside
 those buckets, which fixes the exact key, i.e. the exact value. Memory: two 65 536-bin histograms
 per (row, rank); never a copy of the data. Same value as ``torch.kthvalue`` on the concatenation.
+Data that fits in one chunk (a small tensor's statistics) is held and selected by ``kthvalue``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+
+from mergeflow.methods import chunks as _chunks
 
 _BINS = 1 << 16
 _HALF = 1 << 31
@@ -28,16 +31,29 @@ def key_to_value(key: int) -> float:
     return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
+def _check_ranks(ranks: Sequence[int], n: int) -> None:
+    for k in ranks:
+        if not 0 <= k < n:
+            raise ValueError(f"rank {k} outside [0, {n})")
+
+
 def select_ranks(
-    chunks: Callable[[], Iterable[torch.Tensor]], n_rows: int, ranks: Sequence[int]
+    chunks: Callable[[], Iterable[torch.Tensor]],
+    n_rows: int,
+    ranks: Sequence[int],
+    hold: int | None = None,
 ) -> torch.Tensor:
     """Values at 0-based ascending ``ranks`` of every row of a matrix seen in column chunks.
 
+    When the matrix has at most ``hold`` columns, the first call's chunks are kept and the
+    values taken by ``torch.kthvalue`` (one pass); otherwise two histogram passes (module doc).
+
     Args:
-        chunks: Called twice; each call yields ``(n_rows, m_i)`` float tensors that together
-            form the ``(n_rows, N)`` matrix (same chunks in the same order both times).
+        chunks: Called once or twice; each call yields ``(n_rows, m_i)`` float tensors that
+            together form the ``(n_rows, N)`` matrix (same chunks in the same order both times).
         n_rows: Number of rows.
         ranks: 0-based ranks in ``[0, N)``, the same for every row.
+        hold: Most columns selected in memory; default :data:`mergeflow.methods.chunks.CHUNK`.
 
     Returns:
         ``(n_rows, len(ranks))`` float32 tensor; entry ``[r, j]`` equals
@@ -47,16 +63,33 @@ def select_ranks(
         ValueError: If a rank is outside ``[0, N)``.
 
     """
-    hi = torch.zeros(n_rows, _BINS, dtype=torch.int64)
+    hold = _chunks.CHUNK if hold is None else hold  # read at call time: tests shrink CHUNK
+    stream = iter(chunks())
+    held: list[torch.Tensor] = []
     n = 0
-    for c in chunks():
-        c = c.reshape(n_rows, -1)
-        n += c.shape[1]
+    for c in stream:
+        held.append(c.reshape(n_rows, -1))
+        n += held[-1].shape[1]
+        if n > hold:
+            break
+    else:  # small: select in memory, exactly as torch.kthvalue
+        _check_ranks(ranks, n)
+        x = torch.cat(held, dim=1).to(torch.float32)
+        return torch.stack([torch.kthvalue(x, k + 1, dim=1).values for k in ranks], dim=1)
+    hi = torch.zeros(n_rows, _BINS, dtype=torch.int64)
+
+    def count(c: torch.Tensor) -> None:
         for r in range(n_rows):
             hi[r] += torch.bincount(order_keys(c[r]) >> 16, minlength=_BINS)
-    for k in ranks:
-        if not 0 <= k < n:
-            raise ValueError(f"rank {k} outside [0, {n})")
+
+    for c in held:
+        count(c)
+    del held
+    for c in stream:
+        c = c.reshape(n_rows, -1)
+        n += c.shape[1]
+        count(c)
+    _check_ranks(ranks, n)
     cum = hi.cumsum(dim=1)
     rank_t = torch.tensor(list(ranks), dtype=torch.int64)
     # bucket b with cum[b-1] <= k < cum[b]
