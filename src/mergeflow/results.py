@@ -8,7 +8,7 @@ check a run's claims without rerunning it (the paper-regime profile takes ~2 h o
 - ``summary.md``: ``reports/summary.md``;
 - ``experts.json``: per task, the expert's validation accuracy, the step whose weights were kept
   and the steps run (early stopping), from ``models/experts/<task>/expert.json``;
-- ``timings.json``: wall seconds per stage item and in total, from the stages' MLflow runs;
+- ``timings.json``: wall seconds per stage item and in total (measured by the caller);
 - ``params.yaml``: the parameters the run used, byte for byte;
 - ``lineage.json``: the workspace's git commit and the md5 of every DVC-tracked output
   (``dvc.lock``), so ``dvc pull`` at that commit restores the same artifacts.
@@ -70,7 +70,7 @@ def write(
     Args:
         root: A workspace where ``dvc repro`` has run (``metrics/eval.json`` present).
         out: Results directory to create.
-        timings: Stage item -> wall seconds (see :func:`mergeflow.tracking.stage_times`).
+        timings: Stage item -> wall seconds (``benchmarks/paper.py`` times ``dvc repro``).
         force: Replace an existing ``out``.
 
     Returns:

@@ -26,6 +26,8 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
         meta = json.loads((ws / "data/tasks" / t / "meta.json").read_text())
         assert set(meta["sha256"]) == {"train", "val", "test"}
         assert (ws / "models/experts" / t / "model.safetensors").is_file()
+        probe = load_state_dict(ws / "models/experts" / t / "probe_head.safetensors")
+        assert set(probe) == {"classifier.weight", "classifier.bias"}  # the base row's head
         assert (ws / "artifacts/task_vectors" / f"{t}.safetensors").is_file()
     summary = json.loads((ws / "artifacts/masks/masks.json").read_text())
     assert set(summary["lambda"]) == set(tasks)
@@ -41,6 +43,13 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
         assert set(ev[row]["accuracy"]) == set(tasks)
         assert all(0.0 <= a <= 1.0 for a in ev[row]["accuracy"].values())
     assert ev["expert"]["mean_normalized"] == pytest.approx(1.0)
+    for row in ev.values():  # intervals (issue 17): Wilson per task, bootstrap of the means
+        for t in tasks:
+            lo, hi = row["accuracy_ci"][t]
+            assert lo <= row["accuracy"][t] <= hi and row["n_test"][t] == 48
+        lo, hi = row["mean_normalized_ci"]
+        assert lo <= row["mean_normalized"] <= hi
+    assert set(ev["ties"]["paired"]) == set(ev) - {"ties"}
     assert (ws / "reports/summary.md").read_text().count("\n|") >= 7
     # safety off (default): the audit stage is a no-op that records it
     assert json.loads((ws / "metrics/audit.json").read_text()) == {"enabled": False}

@@ -103,6 +103,29 @@ def test_scoring_pass_yields_the_router_features_bitwise(tok):
             assert torch.equal(feats[t][j], ctx.pooled_features(enc, [batch]))
 
 
+def test_base_row_scores_with_probe_heads_and_restores_the_experts_heads(tok):
+    """The evaluate stage's base row: θ_0 under each task's linear-probe head, not the expert's;
+    the experts' heads are back in place afterwards (later rows are scored with them)."""
+    from mergeflow.pipeline.context import MergeContext
+
+    a, b = tiny(seed=1), tiny(seed=2)
+    enc = {k: v.clone() for k, v in tiny(seed=3).base_model.state_dict().items()}
+    batches = {t: tokenize(tok, TEXTS, LABELS, max_length=16, batch_size=5) for t in ("a", "b")}
+    ctx = MergeContext(cfg=None, tasks=["a", "b"], base=enc, task_vectors={},
+                       models=TaskModels({"a": a, "b": b}), tokenizer=tok)
+    own = ctx.correct(enc, batches)
+    # a head that always predicts class 1 (bias only): correct exactly where the label is 1
+    heads = {t: {"classifier.weight": torch.zeros(2, 32), "classifier.bias": torch.tensor([0., 1.])}
+             for t in ("a", "b")}  # fmt: skip
+    probe = ctx.correct_with_heads(enc, batches, heads)
+    gold = torch.cat([bt.labels for bt in batches["a"]])
+    for t in ("a", "b"):
+        assert torch.equal(probe[t], gold == 1)
+        assert torch.equal(ctx.correct(enc, batches)[t], own[t])  # experts' heads restored
+    with pytest.raises(ValueError, match="head of task"):
+        ctx.correct_with_heads(enc, batches, {t: {"nope": torch.zeros(1)} for t in ("a", "b")})
+
+
 def test_lora_delta_equals_peft_merge(tmp_path):
     m = tiny()
     base_enc = {k: v.clone() for k, v in m.base_model.state_dict().items()}

@@ -5,6 +5,7 @@ Layout (paths themselves come from ``dvc.yaml``):
 - task data dir: ``train.jsonl``, ``val.jsonl``, ``test.jsonl``, ``meta.json``
 - base model dir: ``save_pretrained`` of the encoder (``model.safetensors``, ``config.json``) + tokenizer
 - expert dir: ``save_pretrained`` of the task's sequence classifier + tokenizer (+ ``adapter/`` for LoRA)
+  + ``probe_head.safetensors``: a linear-probe head fitted on θ_0's frozen features (the "base" row)
 - task-vector dir: ``<task>.safetensors`` holding τ_t = θ_t − θ_0 over the encoder's keys
 """
 
@@ -52,6 +53,19 @@ def load_expert(expert_dir: str | Path, prefix: str) -> tuple[dict, dict]:
     sd = load_state_dict(f)
     check_finite(sd, str(f))
     return split_state_dict(sd, prefix)
+
+
+PROBE_HEAD = "probe_head.safetensors"
+
+
+def load_probe_head(expert_dir: str | Path) -> dict[str, torch.Tensor] | None:
+    """The linear-probe head on θ_0 saved beside an expert (None for experts from before it)."""
+    f = Path(expert_dir) / PROBE_HEAD
+    if not f.is_file():
+        return None
+    sd = load_state_dict(f)
+    check_finite(sd, str(f))
+    return sd
 
 
 def expert_prefix(expert_dir: str | Path) -> str:

@@ -109,6 +109,32 @@ class MergeContext:
                 hook.remove()
         return out
 
+    def correct_with_heads(
+        self,
+        encoder: dict[str, torch.Tensor],
+        batches: dict[str, Batches],
+        heads: dict[str, dict[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`correct` with other heads (e.g. linear probes on θ_0), experts' heads restored.
+
+        Args:
+            encoder: Encoder weights.
+            batches: Tokenized batches per task.
+            heads: Task -> head tensors under the task model's key names.
+        """
+        out = {}
+        for t in self.tasks:
+            model = self.models.models[t]
+            own = {k: v.detach().clone() for k, v in model.state_dict().items() if k in heads[t]}
+            if set(own) != set(heads[t]):
+                raise ValueError(f"head of task {t!r} has keys {sorted(heads[t])}, not {sorted(own)}")
+            model.load_state_dict(heads[t], strict=False)
+            try:
+                out[t] = self.correct(encoder, batches, [t])[t]
+            finally:
+                model.load_state_dict(own, strict=False)
+        return out
+
     def predictions(
         self, encoder: dict[str, torch.Tensor], batches: Batches, task: str
     ) -> tuple[torch.Tensor, torch.Tensor]:

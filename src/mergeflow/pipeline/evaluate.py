@@ -22,7 +22,12 @@ from mergeflow.compression import twin
 from mergeflow.config import Params
 from mergeflow.io import write_bytes_atomic, write_json_atomic
 from mergeflow.models.lora import lora_delta, read_adapter
-from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
+from mergeflow.pipeline.artifacts import (
+    expert_prefix,
+    experts_from_vectors,
+    load_expert,
+    load_probe_head,
+)
 from mergeflow.pipeline.context import MergeContext
 from mergeflow.tracking import stage_run
 
@@ -259,7 +264,13 @@ def run(cfg: Params, paths: Paths) -> dict:
             },
             test,
         )
-    rows["base"] = ctx.correct(ctx.base, test)
+    # the base: θ_0 with a linear-probe head per task (saved by the finetune stage); experts
+    # from before that fall back to θ_0 under the experts' own heads
+    probes = {t: load_probe_head(Path(paths.experts) / t) for t in ctx.tasks}
+    if all(h is not None for h in probes.values()):
+        rows["base"] = ctx.correct_with_heads(ctx.base, test, probes)
+    else:
+        rows["base"] = ctx.correct(ctx.base, test)
     twin_model = twin.TwinModel(paths.twin)
     rows["twin_merging"] = {}  # scored below, with the router features of its shared merge's row
     twin_feats: dict | None = None

@@ -12,13 +12,13 @@ from tqdm.auto import tqdm
 
 from mergeflow.config import Params
 from mergeflow.data import read_split
-from mergeflow.io import atomic_dir, check_finite, tree_md5, write_json_atomic
+from mergeflow.io import atomic_dir, check_finite, save_state_dict, tree_md5, write_json_atomic
 from mergeflow.models import resume
 from mergeflow.models.hf import encoder_prefix, head_module, offline_env, seq_cls_model
 from mergeflow.models.inference import accuracy, tokenize
 from mergeflow.models.lora import wrap_lora
-from mergeflow.models.train import finetune
-from mergeflow.pipeline.artifacts import label_names
+from mergeflow.models.train import finetune, linear_probe
+from mergeflow.pipeline.artifacts import PROBE_HEAD, label_names
 from mergeflow.tracking import stage_run
 
 
@@ -53,6 +53,25 @@ def run_fingerprint(cfg: Params, paths: Paths) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def probe_head(cfg: Params, paths: Paths, tok, texts: list[str], labels: list[int], names) -> dict:
+    """A linear-probe head on θ_0's frozen features: what the "base" row is scored with.
+
+    Fitted exactly as LP-FT's first phase (same seed, epochs and features), on a separate copy
+    of θ_0, so the base gets a fair head whatever ``finetune.head_init`` the expert used.
+
+    Returns:
+        The head's tensors under the task model's key names (e.g. ``classifier.weight``).
+    """
+    model = seq_cls_model(str(paths.base), len(names), names)
+    batches = tokenize(tok, texts, labels, max_length=cfg.base_model.max_length, batch_size=64)
+    linear_probe(
+        model, batches, epochs=cfg.finetune.probe_epochs, device=cfg.device, seed=cfg.seed
+    )
+    head = head_module(model)
+    name = next(n for n, m in model.named_children() if m is head)
+    return {f"{name}.{k}": v.detach().cpu().clone() for k, v in head.state_dict().items()}
+
+
 def run(cfg: Params, paths: Paths) -> dict:
     """Fine-tune, score on validation, and save the expert as safetensors + config + tokenizer.
 
@@ -84,6 +103,7 @@ def run(cfg: Params, paths: Paths) -> dict:
         inputs={"data": paths.data, "base": paths.base},
         tags={"task": paths.task},
     ) as tr:
+        base_head = probe_head(cfg, paths, tok, texts, labels, names)
         bar = tqdm(total=ft.steps, desc=f"finetune {paths.task}", unit="step")
         val_batches = tokenize(
             tok, vtexts, vlabels, max_length=cfg.base_model.max_length, batch_size=64
@@ -123,6 +143,7 @@ def run(cfg: Params, paths: Paths) -> dict:
             model = model.to("cpu")
             check_finite(model.state_dict(), f"expert {paths.task} after training")
             model.save_pretrained(tmp, safe_serialization=True)
+            save_state_dict(base_head, tmp / PROBE_HEAD, metadata={"kind": "probe_head_on_base"})
             tok.save_pretrained(tmp)
             val_acc = accuracy(model.to(cfg.device), val_batches, cfg.device)
             write_json_atomic(
