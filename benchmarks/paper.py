@@ -122,7 +122,12 @@ def main() -> None:
         ws.mkdir(parents=True, exist_ok=True)
         make_workspace(ROOT, ws, args.profile)
     print(f"workspace: {ws}", flush=True)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    # the stages run the workspace's copy of the code: the one its dvc.yaml deps hash
+    env = dict(
+        os.environ,
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        PYTHONPATH=str(ws / "src"),
+    )
     t0 = time.monotonic()
     timings = timed_repro(ws, env)
     print(f"dvc repro: {time.monotonic() - t0:.0f} s", flush=True)
