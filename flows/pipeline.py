@@ -305,18 +305,26 @@ def workspace_lock(root: str | Path):
 
 
 def apply_overrides(root: str | Path, overrides: dict[str, Any] | None) -> None:
-    """Merge ``overrides`` into ``params.yaml`` for this run, validated before anything is written."""
-    if not overrides:
-        return
+    """Validate ``params.yaml`` (with ``overrides`` merged in) before any stage runs; write them.
+
+    The whole file is checked, merge methods included, so a typo fails the flow at once rather
+    than the coefficients stage after hours of fine-tuning.
+    """
     import yaml
 
-    from mergeflow.config import deep_merge, parse_params
+    from mergeflow.config import ConfigError, deep_merge, parse_params
     from mergeflow.io import write_bytes_atomic
+    from mergeflow.methods.params import check_config
 
     path = Path(root) / "params.yaml"
-    merged = deep_merge(yaml.safe_load(path.read_text()), overrides)
-    parse_params(merged, source=f"{path} + flow overrides")
-    write_bytes_atomic(path, yaml.safe_dump(merged, sort_keys=False).encode())
+    source = f"{path} + flow overrides" if overrides else str(path)
+    try:
+        merged = deep_merge(yaml.safe_load(path.read_text()), overrides or {})
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: {err}") from None
+    check_config(parse_params(merged, source=source), source)
+    if overrides:
+        write_bytes_atomic(path, yaml.safe_dump(merged, sort_keys=False).encode())
 
 
 def git_commit_results(root: str | Path, message: str) -> str | None:

@@ -62,9 +62,11 @@ def check_params(
 ) -> None:
     """Validate a params file; exit 2 naming every bad key."""
     from mergeflow.config import ConfigError, load_params
+    from mergeflow.methods.params import check_config
 
     try:
         p = load_params(path)
+        check_config(p, str(path))
     except ConfigError as err:
         _fail(err)
     console.print(f"{path}: ok ({len(p.tasks)} tasks, finetune.mode={p.finetune.mode})")
@@ -85,7 +87,9 @@ def use_profile(
         merged = deep_merge(
             yaml.safe_load(params.read_text()), yaml.safe_load(profile.read_text()) or {}
         )
-        parse_params(merged, source=f"{params} + {profile}")
+        from mergeflow.methods.params import check_config
+
+        check_config(parse_params(merged, source=f"{params} + {profile}"), f"{params} + {profile}")
     except (ConfigError, OSError, yaml.YAMLError) as err:
         _fail(err)
     write_bytes_atomic(params, yaml.safe_dump(merged, sort_keys=False).encode())

@@ -56,7 +56,9 @@ def make_workspace(
     params = yaml.safe_load((src_root / "params.yaml").read_text())
     if profile is not None:
         params = deep_merge(params, yaml.safe_load(Path(profile).read_text()) or {})
-        parse_params(params, source=str(profile))
+        from mergeflow.methods.params import check_config
+
+        check_config(parse_params(params, source=str(profile)), str(profile))
     params = deep_merge(params, overrides or {})
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     dvc = [sys.executable, "-m", "dvc"]

@@ -51,9 +51,27 @@ def test_params_are_frozen():
     ],
 )
 def test_bad_values_name_the_key(override, needle):
+    from mergeflow.methods.params import check_config
+
     with pytest.raises(ConfigError, match=None) as exc:
-        parse_params(deep_merge(base(), override))
+        check_config(parse_params(deep_merge(base(), override)))
     assert needle in str(exc.value)
+
+
+def test_params_alone_do_not_import_the_merge_methods():
+    """Stages that never merge must not depend on the methods' code (dvc.yaml deps, issue 18):
+    parsing params checks method entries only structurally; the registry check is separate."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, yaml; from mergeflow.config import parse_params; "
+        "parse_params(yaml.safe_load(open('params.yaml'))); "
+        "print('mergeflow.methods' in sys.modules)"
+    )
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_missing_and_non_yaml_files(tmp_path):

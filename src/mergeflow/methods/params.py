@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mergeflow.methods.registry import MethodSpec, get
 from mergeflow.tensors import MergeError
 
-__all__ = ["MethodParams", "describe_model", "describe_params", "validate"]
+__all__ = ["MethodParams", "check_config", "describe_model", "describe_params", "validate"]
 
 _TYPES = {
     "number": "float",
@@ -154,3 +154,40 @@ def validate(spec: MethodSpec, hyperparams: Mapping[str, Any]) -> BaseModel:
         if unknown:
             msg += f". Accepted hyperparameters: {'; '.join(rules.values()) or 'none'}"
         raise MergeError(msg) from None
+
+
+def check_config(params: Any, source: str = "params.yaml") -> None:
+    """Check ``evaluate.methods`` of validated params against the registry.
+
+    Every entry must name a registered method and give hyper-parameters its model accepts, and
+    ``compress.twin_shared`` must be one of them.
+    Called by the commands that validate a whole params file (``mergeflow check-params``,
+    ``use-profile``, the flow, new workspaces) and by the stages that merge (coefficients,
+    compress, evaluate, audit) — not by :func:`mergeflow.config.parse_params`, so the stages that
+    never merge do not import, and do not depend on, the methods' code.
+
+    Args:
+        params: :class:`mergeflow.config.Params`.
+        source: Name used in error messages.
+
+    Raises:
+        mergeflow.config.ConfigError: Naming the method or the hyper-parameter and what is allowed.
+    """
+    from mergeflow.config import ConfigError, _format_error
+    from mergeflow.methods.registry import available
+
+    names = available()
+    for name, hp in params.evaluate.methods.items():
+        if name not in names:
+            raise ConfigError(
+                f"{source}: evaluate.methods: unknown method {name!r}; available: {', '.join(names)}"
+            )
+        try:
+            get(name).params_model.model_validate(hp)
+        except ValidationError as err:
+            raise ConfigError(_format_error(err, f"{source}: evaluate.methods.{name}")) from None
+    if params.compress.twin_shared not in params.evaluate.methods:
+        raise ConfigError(
+            f"{source}: compress.twin_shared: {params.compress.twin_shared!r} must be one of "
+            f"evaluate.methods ({', '.join(params.evaluate.methods)}), whose scaling it reuses"
+        )

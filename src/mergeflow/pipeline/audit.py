@@ -32,6 +32,7 @@ from mergeflow.coefficients import rebuild
 from mergeflow.config import Params
 from mergeflow.data import DataError, read_meta, read_split
 from mergeflow.io import write_bytes_atomic, write_json_atomic
+from mergeflow.methods.params import check_config
 from mergeflow.models.inference import Batches, predict, tokenize
 from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
 from mergeflow.pipeline.context import MergeContext
@@ -151,6 +152,7 @@ def markdown(result: dict) -> str:
 
 def run(cfg: Params, paths: Paths) -> dict:
     """Audit experts and merges for the configured backdoor; write metrics + report (module doc)."""
+    check_config(cfg)  # the merge methods in params.yaml (see methods.params.check_config)
     if not cfg.safety.enabled:  # still one MLflow run, so every stage item has its lineage record
         result = {"enabled": False}
         with stage_run("audit", {"safety": cfg.safety.model_dump()}) as tr:

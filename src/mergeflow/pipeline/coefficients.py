@@ -28,6 +28,7 @@ from mergeflow import coefficients as lc
 from mergeflow import methods
 from mergeflow.config import LearnedCfg, Params
 from mergeflow.io import atomic_dir, save_state_dict, write_bytes_atomic, write_json_atomic
+from mergeflow.methods.params import check_config
 from mergeflow.pipeline.artifacts import experts_from_vectors
 from mergeflow.pipeline.context import MergeContext
 from mergeflow.safety.dam import DamResult, DamSpec, dam
@@ -264,6 +265,7 @@ def learn_run(
 
 def run(cfg: Params, paths: Paths) -> dict:
     """Search λ per method, learn the configured coefficients; write ``coefficients.json`` + CSV."""
+    check_config(cfg)  # the merge methods in params.yaml (see methods.params.check_config)
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     val = ctx.batches(paths.data, "val")
     experts = experts_from_vectors(ctx.base, ctx.task_vectors)

@@ -23,6 +23,7 @@ from mergeflow import compression, methods, tensors
 from mergeflow.compression import lora_lego, twin
 from mergeflow.config import Params
 from mergeflow.io import atomic_dir, save_state_dict, write_json_atomic
+from mergeflow.methods.params import check_config
 from mergeflow.pipeline.artifacts import (
     expert_prefix,
     experts_from_vectors,
@@ -110,6 +111,7 @@ def run(cfg: Params, paths: Paths) -> dict:
     bytes / one merged model (θ_0-sized encoder + every head). TALL archives reference θ_0 unless
     ``compress.include_base``; ``bytes_with_base`` / ``ratio_with_base`` count it in.
     """
+    check_config(cfg)  # the merge methods in params.yaml (see methods.params.check_config)
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     tasks = ctx.tasks
     heads, configs = {}, {}

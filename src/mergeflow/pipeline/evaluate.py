@@ -21,6 +21,7 @@ from mergeflow.coefficients import rebuild
 from mergeflow.compression import twin
 from mergeflow.config import Params
 from mergeflow.io import write_bytes_atomic, write_json_atomic
+from mergeflow.methods.params import check_config
 from mergeflow.models.lora import lora_delta, read_adapter
 from mergeflow.pipeline.artifacts import (
     expert_prefix,
@@ -238,6 +239,7 @@ def pareto_markdown(rows: list[dict]) -> str:
 
 def run(cfg: Params, paths: Paths) -> dict:
     """Score every model on every task's test split; write metrics, plot data and a report."""
+    check_config(cfg)  # the merge methods in params.yaml (see methods.params.check_config)
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     test = ctx.batches(paths.data, "test")
     coef = json.loads((Path(paths.coefficients) / "coefficients.json").read_text())
