@@ -9,20 +9,11 @@ import mergeflow.models.train as train
 from mergeflow.config import ConfigError, FinetuneCfg
 from mergeflow.models.inference import tokenize
 from mergeflow.models.train import finetune
-from tests.unit.test_resume import KW, LABELS, TEXTS, Interrupted, tiny, tiny_tokenizer
+from tests.unit import test_resume
+from tests.unit.test_resume import KW, LABELS, TEXTS, Interrupted, tiny
 
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+tok = test_resume.tok  # the same fixtures: tiny tokenizer, one torch thread
+_one_thread = test_resume._one_thread
 
 
 def _scripted(monkeypatch, scores: list[float]) -> list[int]:
