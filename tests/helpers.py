@@ -22,3 +22,19 @@ def tiny_bert(
     )
     return BertForSequenceClassification(cfg)
 
+
+def forbid_full_sorts(monkeypatch) -> None:
+    """Make every full-sort entry point raise: ``torch.sort``/``argsort``/``msort``, the same
+    ``Tensor`` methods, and ``numpy.sort``/``argsort`` (selection — ``kthvalue``, ``topk``,
+    ``ndarray.partition``, histograms — stays allowed: that is what "no full sort" promises).
+    """
+    import numpy as np
+
+    def boom(*a, **k):
+        raise AssertionError("full sort used")
+
+    for owner in (torch, torch.Tensor):
+        for name in ("sort", "argsort", "msort"):
+            monkeypatch.setattr(owner, name, boom)
+    for name in ("sort", "argsort"):
+        monkeypatch.setattr(np, name, boom)
