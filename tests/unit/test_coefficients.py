@@ -78,6 +78,24 @@ def test_zero_alpha_is_base_and_one_hot_is_expert(setup, scheme):
         torch.testing.assert_close(enc[k], expert[k])
 
 
+def test_layer_alpha_is_applied_per_layer_and_task(setup):
+    """Catches: a layer-wise α applied with one layer's column for every tensor
+    (``alpha[:, 0]``), or with tasks/layers swapped — every (task, tensor) has its own α here."""
+    base, tvs, _, _ = setup
+    fm = lc.FunctionalMerge(base, tvs, lc.BlockScheme("layer"))
+    n_t, n_l = fm.alpha_shape
+    assert n_l == len(fm.keys) > 1
+    alpha = 0.1 + torch.arange(n_t * n_l, dtype=torch.float32).view(n_t, n_l) / (n_t * n_l)
+    assert alpha.unique().numel() == n_t * n_l  # distinct per task and per layer
+    enc = fm.merged(alpha)
+    for i, k in enumerate(fm.keys):
+        want = base[k] + sum(alpha[j, i] * tvs[t][k] for j, t in enumerate(fm.tasks))
+        torch.testing.assert_close(enc[k], want, rtol=1e-6, atol=1e-6, msg=k)
+    for k in base:
+        if k not in fm.keys:
+            assert torch.equal(enc[k], base[k])
+
+
 def test_atlas_partitions_are_seeded_and_cover_k_groups(setup):
     base, tvs, _, _ = setup
     a = lc.FunctionalMerge(base, tvs, lc.BlockScheme("atlas", 4, 3))

@@ -291,7 +291,9 @@ def test_dam_with_all_ones_masks_is_task_arithmetic(setup):
     assert res.shared_density == res.detection_density == 1.0
 
 
-def test_dam_masks_binary_gradients_only_reach_masks(setup):
+def test_dam_masks_binary_gradients_only_reach_masks(setup, tmp_path):
+    """The stored-result part catches: a learned-coefficients file that drops DAM's mask (or
+    its α) on save or on rebuild — the rebuilt encoder must equal θ(α, m) exactly."""
     base, tvs, models, data = setup
     fm = lc.FunctionalMerge(base, tvs, lc.BlockScheme("task"))
     seen = []
@@ -312,11 +314,15 @@ def test_dam_masks_binary_gradients_only_reach_masks(setup):
     for m in models.values():  # the task models were never trained
         assert all(p.grad is None and not p.requires_grad for p in m.parameters())
     assert all(math.isfinite(x) for x in res.losses)
-    # the stored result re-applies through the learned-coefficient store
-    gen = torch.Generator().manual_seed(0)
-    logits = {k: torch.randn(base[k].shape, generator=gen) for k in fm.keys}
-    for v in lc.train.sample_mask(logits, 0.5, gen).values():
-        assert float(v.min()) >= 0.0 and float(v.max()) <= 1.0
+    # the stored result re-applies through the learned-coefficient store: same θ(α, m)
+    lc.save_learned(tmp_path / "dam.safetensors", fm, res.alpha, res.mask)
+    got = lc.rebuild(base, tvs, tmp_path / "dam.safetensors")
+    want = fm.merged(res.alpha, res.mask)
+    without_mask = fm.merged(res.alpha)
+    assert any(not torch.equal(want[k], without_mask[k]) for k in fm.keys)  # the mask matters
+    assert set(got) == set(base)
+    for k in base:
+        assert torch.equal(got[k], want[k].to(base[k].dtype)), k
 
 
 def test_insert_token_equals_tokenizing_the_word(tok):
