@@ -16,6 +16,7 @@ naming the endpoint and bucket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +46,9 @@ class S3Remote:
     @property
     def url(self) -> str:
         """``s3://bucket/prefix``."""
-        return f"s3://{self.bucket}/{self.prefix.strip('/')}" if self.prefix else f"s3://{self.bucket}"
+        return (
+            f"s3://{self.bucket}/{self.prefix.strip('/')}" if self.prefix else f"s3://{self.bucket}"
+        )
 
     def describe(self) -> str:
         """``s3://bucket/prefix at <endpoint>`` for error messages."""
@@ -83,9 +87,7 @@ def check(remote: S3Remote, timeout_s: float = 5.0) -> None:
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    cfg = Config(
-        connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1}
-    )
+    cfg = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1})
     try:
         s3 = boto3.client("s3", endpoint_url=remote.endpoint, config=cfg)
         s3.head_bucket(Bucket=remote.bucket)
@@ -98,7 +100,9 @@ def check(remote: S3Remote, timeout_s: float = 5.0) -> None:
         code = str(err.response.get("Error", {}).get("Code", ""))
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         if code in ("404", "NoSuchBucket"):
-            raise RemoteError(f"bucket {remote.bucket!r} does not exist at {remote.describe()}") from None
+            raise RemoteError(
+                f"bucket {remote.bucket!r} does not exist at {remote.describe()}"
+            ) from None
         if status in (401, 403) or code in (
             "403",
             "InvalidAccessKeyId",
@@ -112,6 +116,84 @@ def check(remote: S3Remote, timeout_s: float = 5.0) -> None:
         raise RemoteError(f"S3 error for {remote.describe()}: {code or status}") from None
     except (BotoCoreError, OSError) as err:
         raise RemoteError(f"S3 endpoint unreachable for {remote.describe()}: {err}") from None
+
+
+def _endpoint_of(storage_options: Mapping | None) -> str:
+    opts = dict(storage_options or {})
+    client = opts.get("client_kwargs") if isinstance(opts.get("client_kwargs"), dict) else {}
+    return (
+        client.get("endpoint_url")
+        or opts.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or "the default AWS endpoint"
+    )
+
+
+def object_store_error(
+    err: BaseException, url: str, storage_options: Mapping | None = None
+) -> RemoteError | None:
+    """The one-line :class:`RemoteError` for an object-store failure, or None if ``err`` is not one.
+
+    Covers what botocore/s3fs raise for ``url`` (an ``s3://…`` input or output read or written
+    through fsspec): missing or rejected credentials, an unreachable endpoint, another S3 error,
+    and an fsspec option the store does not accept (a bad ``--storage-options`` key).
+
+    Args:
+        err: The exception raised.
+        url: The object-store path being read or written.
+        storage_options: The fsspec options in use (the endpoint is named from them).
+
+    """
+    where = f"{url} at {_endpoint_of(storage_options)}"
+    if isinstance(err, TypeError):
+        m = re.search(r"unexpected keyword argument '([^']+)'", str(err))
+        if not m:
+            return None
+        proto = url.split("://", 1)[0]
+        return RemoteError(
+            f"--storage-options: {proto} does not accept {m.group(1)!r}; for another endpoint use "
+            '{"client_kwargs": {"endpoint_url": "http://host:port"}}'
+        )
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError:  # no S3 support installed: nothing of botocore's to translate
+        return None
+    if isinstance(err, NoCredentialsError):
+        return RemoteError(
+            f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    if isinstance(err, PermissionError):  # s3fs's translation of AccessDenied / bad keys
+        return RemoteError(
+            f"S3 rejected the credentials for {where} ({err}): check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY and the bucket's policy"
+        )
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        return RemoteError(f"S3 error for {where}: {code or err}")
+    if isinstance(err, BotoCoreError):
+        return RemoteError(f"S3 endpoint unreachable for {where}: {err}")
+    return None
+
+
+@contextlib.contextmanager
+def object_store_errors(url: str, storage_options: Mapping | None = None) -> Iterator[None]:
+    """Turn object-store failures inside the block into :class:`RemoteError` naming ``url``.
+
+    Local paths pass through untouched; other exceptions are re-raised as they are.
+    """
+    if "://" not in str(url) or str(url).startswith("file://"):
+        yield
+        return
+    try:
+        yield
+    except RemoteError:
+        raise
+    except Exception as err:
+        mapped = object_store_error(err, str(url), storage_options)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def _dvc(root: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -159,7 +241,10 @@ def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _is_git_rev(root: Path, ref: str) -> bool:
-    return _git(root, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).returncode == 0
+    return (
+        _git(root, "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False).returncode
+        == 0
+    )
 
 
 def _restore_run_files(root: Path, run_id: str) -> str:
@@ -174,7 +259,9 @@ def _restore_run_files(root: Path, run_id: str) -> str:
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
-        raise RemoteError(f"{run_id!r} is neither a git revision nor an MLflow run: {err}") from None
+        raise RemoteError(
+            f"{run_id!r} is neither a git revision nor an MLflow run: {err}"
+        ) from None
     commit = run.data.tags.get("mergeflow.results_commit") or run.data.tags.get(
         "mlflow.source.git.commit", ""
     )
@@ -185,9 +272,13 @@ def _restore_run_files(root: Path, run_id: str) -> str:
         _git(root, "checkout", "--quiet", commit)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            got = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/workspace", dst_path=tmp))
+            got = Path(
+                mlflow.artifacts.download_artifacts(f"runs:/{run_id}/workspace", dst_path=tmp)
+            )
         except (MlflowException, OSError) as err:
-            raise RemoteError(f"run {run_id} has no workspace/ artifacts (dvc.lock): {err}") from None
+            raise RemoteError(
+                f"run {run_id} has no workspace/ artifacts (dvc.lock): {err}"
+            ) from None
         if not (got / "dvc.lock").is_file():
             raise RemoteError(f"run {run_id} has no workspace/dvc.lock artifact")
         for f in got.rglob("*"):
@@ -244,5 +335,7 @@ def verify(root: str | Path) -> dict[str, str]:
                 bad += [p for p in (e.get("changed outs") or {}) if p in expected]
     missing = [p for p in expected if not (root / p).exists()]
     if bad or missing:
-        raise RemoteError(f"after pull these outputs do not match dvc.lock: {sorted(set(bad + missing))}")
+        raise RemoteError(
+            f"after pull these outputs do not match dvc.lock: {sorted(set(bad + missing))}"
+        )
     return expected

@@ -10,7 +10,12 @@ import fsspec
 import torch
 
 from mergeflow.io import CheckpointError, SafetensorsFile, refuse_pickle
-from mergeflow.io.safetensors_io import PICKLE_SUFFIXES
+from mergeflow.io.safetensors_io import (
+    PICKLE_SUFFIXES,
+    read_regular_file,
+    regular_file_size,
+)
+from mergeflow.remote import object_store_errors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -53,6 +58,10 @@ class Checkpoint:
         self.path = str(path).rstrip("/")
         self.storage_options = dict(storage_options or {})
         refuse_pickle(self.path)
+        with object_store_errors(self.path, self.storage_options):
+            self._open()
+
+    def _open(self) -> None:
         self.fs, root = fsspec.core.url_to_fs(self.path, **self.storage_options)
         self._proto = self.path.split("://", 1)[0] + "://" if "://" in self.path else ""
         self.files: dict[str, SafetensorsFile] = {}
@@ -68,13 +77,7 @@ class Checkpoint:
             self.dir = root
             names = {posixpath.basename(p) for p in self.fs.ls(root, detail=False)}
             if INDEX_NAME in names:
-                with self.fs.open(posixpath.join(root, INDEX_NAME), "r") as f:
-                    try:
-                        wm = json.load(f)["weight_map"]
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        raise CheckpointError(
-                            f"{self._url(INDEX_NAME)}: not a valid safetensors index"
-                        ) from None
+                wm = self._weight_map()
                 for shard in dict.fromkeys(wm.values()):
                     if shard not in names:
                         raise CheckpointError(
@@ -100,6 +103,39 @@ class Checkpoint:
                         f"{self.path}: no {SINGLE_NAME} or {INDEX_NAME} found "
                         f"(files: {', '.join(sorted(names)) or 'none'})"
                     )
+
+    def _read_json(self, name: str) -> object:
+        """Parse a JSON side file of the checkpoint directory (a regular file, UTF-8)."""
+        url = self._url(name)
+        raw = read_regular_file(self.fs, posixpath.join(self.dir, name), url)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise CheckpointError(f"{url}: not UTF-8 ({err}); save it as UTF-8 JSON") from None
+        except (json.JSONDecodeError, RecursionError):
+            raise CheckpointError(f"{url}: not valid JSON") from None
+
+    def _weight_map(self) -> dict[str, str]:
+        """The index's ``weight_map``: tensor name -> shard file name in this directory."""
+        url = self._url(INDEX_NAME)
+        index = self._read_json(INDEX_NAME)
+        wm = index.get("weight_map") if isinstance(index, dict) else None
+        if wm is None:
+            raise CheckpointError(f"{url}: not a valid safetensors index (no 'weight_map')")
+        ok = isinstance(wm, dict) and all(
+            isinstance(k, str)
+            and isinstance(v, str)
+            and v.endswith(".safetensors")
+            and v == posixpath.basename(v)
+            and v not in (".", "..")
+            for k, v in wm.items()
+        )
+        if not ok:
+            raise CheckpointError(
+                f"{url}: 'weight_map' must map tensor names to shard file names in the same "
+                'directory, e.g. {"layer.0.weight": "model-00001-of-00002.safetensors"}'
+            )
+        return wm
 
     def _url(self, name: str) -> str:
         return self._proto + posixpath.join(self.dir, name) if self.dir else name
@@ -149,7 +185,10 @@ class Checkpoint:
         """
         if name not in self.weight_map:
             raise CheckpointError(f"{self.path}: tensor '{name}' is missing")
-        return self.files[self.weight_map[name]].get(name)
+        if not self._proto:
+            return self.files[self.weight_map[name]].get(name)
+        with object_store_errors(self.weight_map[name], self.storage_options):
+            return self.files[self.weight_map[name]].get(name)
 
     def config(self) -> dict | None:
         """Parsed ``config.json`` next to the weights, or ``None``."""
@@ -158,30 +197,44 @@ class Checkpoint:
         p = posixpath.join(self.dir, "config.json")
         if not self.fs.exists(p):
             return None
-        with self.fs.open(p, "r") as f:
-            try:
-                return json.load(f)
-            except json.JSONDecodeError:
-                raise CheckpointError(f"{self._url('config.json')}: not valid JSON") from None
+        with object_store_errors(self.path, self.storage_options):
+            cfg = self._read_json("config.json")
+        if not isinstance(cfg, dict):
+            raise CheckpointError(
+                f"{self._url('config.json')}: not a JSON object (got a {type(cfg).__name__}); "
+                "config.json must map keys such as model_type to values"
+            )
+        return cfg
 
     def side_files(self) -> list[str]:
         """Names of the non-weight files to carry over (config, tokenizer, …)."""
         if self.dir is None:
             return []
+        with object_store_errors(self.path, self.storage_options):
+            return self._side_files()
+
+    def _side_files(self) -> list[str]:
         out = []
-        for p in self.fs.ls(self.dir, detail=False):
-            n = posixpath.basename(p)
+        for info in self.fs.ls(self.dir, detail=True):
+            n = posixpath.basename(info["name"].rstrip("/"))
             if n == INDEX_NAME or n.endswith((".safetensors", *PICKLE_SUFFIXES)):
                 continue
-            if n.startswith(".") or self.fs.isdir(p):
+            if n.startswith(".") or info.get("type") == "directory":
                 continue
+            # a FIFO or device here would block or never end when copied: refuse it now
+            regular_file_size(self.fs, info["name"], self._url(n))
             out.append(n)
         return sorted(out)
 
     def read_side_file(self, name: str) -> bytes:
-        """Bytes of a side file (see :meth:`side_files`)."""
-        with self.fs.open(posixpath.join(self.dir, name), "rb") as f:
-            return f.read()
+        """Bytes of a side file (see :meth:`side_files`).
+
+        Raises:
+            CheckpointError: It is no longer a regular file.
+
+        """
+        with object_store_errors(self._url(name), self.storage_options):
+            return read_regular_file(self.fs, posixpath.join(self.dir, name), self._url(name))
 
 
 def check_same_architecture(base: Checkpoint, experts: Mapping[str, Checkpoint]) -> None:
@@ -226,6 +279,5 @@ def check_same_architecture(base: Checkpoint, experts: Mapping[str, Checkpoint])
             bd, ed = base.dtype(k), ck.dtype(k)
             if bd != ed and not (bd.is_floating_point and ed.is_floating_point):
                 raise CheckpointError(
-                    f"expert '{task}' ({ck.file_of(k)}): tensor '{k}' has dtype {ed}, "
-                    f"base has {bd}"
+                    f"expert '{task}' ({ck.file_of(k)}): tensor '{k}' has dtype {ed}, base has {bd}"
                 )

@@ -45,7 +45,9 @@ def merge_command(
     ] = None,
     base: Annotated[str | None, typer.Option(help="base checkpoint: dir, file or s3://…")] = None,
     expert: Annotated[list[str] | None, typer.Option(help="task=PATH, repeat per expert")] = None,
-    out: Annotated[str | None, typer.Option(help="output directory (written atomically)")] = None,
+    out: Annotated[
+        str | None, typer.Option(help="output directory or s3://bucket/prefix (written atomically)")
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="hyperparameter key=value (YAML value)")
     ] = None,
@@ -55,11 +57,17 @@ def merge_command(
         str | None, typer.Option(help="fsspec options as JSON, e.g. an S3 endpoint_url")
     ] = None,
     progress: Annotated[bool, typer.Option(help="show the progress bar")] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="replace an existing non-empty --out")
+    ] = False,
 ) -> None:
     """Merge experts into a base, streaming tensor by tensor (exit code 2 on bad input)."""
+    from pydantic import ValidationError
+
     from mergeflow.engine.recipe import Recipe, load_recipe
     from mergeflow.engine.run import merge_checkpoints
     from mergeflow.io import CheckpointError
+    from mergeflow.remote import RemoteError
     from mergeflow.tensors import MergeError
 
     try:
@@ -75,17 +83,32 @@ def merge_command(
         if set_:
             fields["params"] = {**fields.get("params", {}), **_parse_sets(set_)}
         if workers is not None:
+            if workers < 0:
+                raise MergeError(f"--workers: must be 0 or more (got {workers})")
             fields["workers"] = workers
         if storage_options:
             try:
                 fields["storage_options"] = json.loads(storage_options)
             except json.JSONDecodeError as exc:
                 raise MergeError(f"--storage-options is not JSON: {exc}") from None
+            if not isinstance(fields["storage_options"], dict):
+                raise MergeError(
+                    '--storage-options must be a JSON object, e.g. {"client_kwargs": '
+                    '{"endpoint_url": "http://127.0.0.1:9000"}}'
+                )
         missing = [f for f in ("method", "base", "out") if not fields.get(f)]
         if missing:
             raise MergeError(f"missing --{missing[0]} (or set it in a --recipe)")
         fields.setdefault("experts", {})
-        r = Recipe(**fields)
+        try:
+            r = Recipe(**fields)
+        except ValidationError as exc:
+            raise MergeError(
+                "; ".join(
+                    f"--{'.'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']}"
+                    for e in exc.errors()
+                )
+            ) from None
         rep = merge_checkpoints(
             r.method,
             r.base,
@@ -96,8 +119,9 @@ def merge_command(
             workers=r.workers,
             max_shard_bytes=r.max_shard_bytes,
             progress=progress,
+            force=force,
         )
-    except (MergeError, CheckpointError) as err:
+    except (MergeError, CheckpointError, RemoteError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     gb = rep.bytes_read / 1e9

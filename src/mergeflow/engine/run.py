@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from mergeflow import methods  # noqa: F401  (registers the methods)
 from mergeflow.io import atomic_dir
 from mergeflow.methods.chunks import TensorInputs
 from mergeflow.methods.merging import assemble_tensor, prepare, resolve, scaling_of, tensor_delta
+from mergeflow.remote import object_store_errors
 from mergeflow.tensors import MergeError, all_finite, is_mergeable
 
-from .checkpoint import Checkpoint, check_same_architecture
-from .writer import ShardedWriter
+from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, check_same_architecture
+from .writer import ShardedWriter, out_exists_message, remote_files, remote_output_dir
 
 _F32 = torch.float32
 META_NAME = "mergeflow_merge.json"
@@ -121,6 +126,7 @@ def merge_checkpoints(
     cache_bytes: int = 256 * 1024**2,
     max_shard_bytes: int = 2 * 1024**3,
     progress: bool = False,
+    force: bool = False,
 ) -> MergeReport:
     """Merge safetensors checkpoints tensor by tensor into ``out`` (atomically).
 
@@ -132,13 +138,16 @@ def merge_checkpoints(
     method with whole-model statistics (TIES ``scope=global``, PCB ``scope=global``) streams over
     the inputs in its prepare step to compute them exactly. Integer/bool tensors are copied from the
     base and listed; config/tokenizer files are copied so ``AutoModel.from_pretrained(out)``
-    works. Nothing is written to ``out`` unless the whole merge succeeds.
+    works. Nothing is written to ``out`` unless the whole merge succeeds, and an existing
+    non-empty ``out`` (a directory with files, a file) is replaced only with ``force``. An
+    object-store ``out`` (``s3://bucket/prefix``) is built locally, uploaded under a temporary
+    prefix and published with the index last (see :func:`~mergeflow.engine.writer.remote_output_dir`).
 
     Args:
         method: Registered method name (see :func:`mergeflow.methods.available`).
         base: Base checkpoint (file, directory or URL).
         experts: Task name -> checkpoint.
-        out: Output directory (replaced atomically).
+        out: Output directory, local or an fsspec URL (replaced atomically).
         params: Method hyper-parameters.
         storage_options: fsspec options for every input.
         workers: Reader threads for read-ahead (0 = read in the compute thread).
@@ -146,16 +155,21 @@ def merge_checkpoints(
             at most this large; larger ones are read once per pass instead.
         max_shard_bytes: Output shard size.
         progress: Show a rich progress bar (tensors/s, GB/s).
+        force: Replace an existing non-empty ``out``.
 
     Returns:
         :class:`MergeReport`.
 
     Raises:
         MergeError: Unknown method / hyper-parameter, no experts, a task name with path parts,
-            an ``out`` that is (or contains) an input, NaN/Inf (naming the tensor and file), or
-            a merged value overflowing the base dtype.
-        CheckpointError: Missing/pickled/truncated files, different architectures, a tensor
-            missing in an expert or with another shape (naming tensor and file).
+            an ``out`` that is (or contains, or lies inside) an input, an existing non-empty
+            ``out`` without ``force``, NaN/Inf (naming the tensor and file), or a merged value
+            overflowing the base dtype.
+        CheckpointError: Missing/pickled/truncated files, not regular files (FIFOs, devices,
+            directories), different architectures, a tensor missing in an expert or with another
+            shape (naming tensor and file).
+        RemoteError: An object store without credentials, unreachable, or refusing a request,
+            or a ``storage_options`` key it does not accept.
 
     """
     t0 = time.perf_counter()
@@ -165,9 +179,20 @@ def merge_checkpoints(
     for task in experts:
         _check_task_name(task)
     _check_out_apart(out, base, experts)
+    _check_out_outside_inputs(out, base, experts)
+    opts = dict(storage_options or {})
+    remote = _remote_out(out, opts)
+    if remote is None:
+        _check_out_free(Path(out), force)
+    else:
+        with object_store_errors(str(out), opts):
+            existing = remote_files(*remote)
+        if existing and not force:
+            raise MergeError(out_exists_message(out, existing))
     base_ck = Checkpoint(base, storage_options)
     ex_ck = {t: Checkpoint(p, storage_options) for t, p in experts.items()}
     check_same_architecture(base_ck, ex_ck)
+    side_files = base_ck.side_files()  # FIFOs/devices among them are refused before merging
     reader = _Reader(base_ck, ex_ck)
     T = len(ex_ck)
     names = base_ck.keys()
@@ -208,7 +233,7 @@ def merge_checkpoints(
 
     bar = _Progress(len(names), reader, enabled=progress)
     try:
-        with atomic_dir(out) as tmp:
+        with _output_dir(out, remote, opts, force) as tmp:
             plan = [(k, tuple(base_ck.shape(k)), base_ck.dtype(k)) for k in names]
             writer = ShardedWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
             try:
@@ -235,7 +260,7 @@ def merge_checkpoints(
             except BaseException:
                 writer.abort()
                 raise
-            for side in base_ck.side_files():
+            for side in side_files:
                 (tmp / side).write_bytes(base_ck.read_side_file(side))
                 report.side_files.append(side)
             report.bytes_read = reader.bytes
@@ -250,6 +275,8 @@ def merge_checkpoints(
                 "n_merged": len(report.merged),
             }
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            if remote is None:  # once more, just before the swap: another writer may have come
+                _check_out_free(Path(out), force)
     finally:
         bar.stop()
         if pool is not None:
@@ -288,6 +315,89 @@ def _check_out_apart(out: str | Path, base: str, experts: Mapping[str, str]) -> 
                 f"--out {out} would replace {label} ({p}): choose an output directory outside "
                 "the inputs"
             )
+
+
+def _check_out_outside_inputs(out: str | Path, base: str, experts: Mapping[str, str]) -> None:
+    """Refuse an ``out`` inside an input directory, or an object-store ``out`` over an input.
+
+    An output inside the base would be part of the base's directory from then on; an output URL
+    equal to or above an input URL would overwrite it.
+    """
+    o = str(out).rstrip("/")
+    for label, p in (("the base", base), *((f"expert '{t}'", q) for t, q in experts.items())):
+        q = str(p).rstrip("/")
+        if "://" in o and "://" in q:
+            if o == q or q.startswith(o + "/"):
+                raise MergeError(
+                    f"--out {out} would replace {label} ({p}): choose an output location "
+                    "outside the inputs"
+                )
+            inside = o.startswith(q + "/")
+        elif "://" in o or "://" in q:
+            continue
+        else:
+            qp = Path(q).resolve()
+            inside = qp.is_dir() and qp in Path(o).resolve().parents
+        if inside:
+            raise MergeError(
+                f"--out {out} is inside {label} ({p}): choose an output directory outside the "
+                "inputs"
+            )
+
+
+def _check_out_free(out: Path, force: bool) -> None:
+    """Refuse to replace an existing non-empty directory or a file unless ``force``."""
+    here = Path.cwd()
+    if out.resolve() in (here, *here.parents):
+        raise MergeError(
+            f"--out {out} is the current directory or one of its parents: choose a new output "
+            "directory"
+        )
+    if force or not (out.exists() or out.is_symlink()):
+        return
+    if out.is_dir() and not out.is_symlink():
+        found = sorted(os.listdir(out))
+        if found:
+            raise MergeError(out_exists_message(out, found))
+        return
+    kind = "symbolic link" if out.is_symlink() else "file"
+    raise MergeError(
+        f"--out {out} is an existing {kind}: pass --force to replace it with the merged "
+        "directory, or choose a new output directory"
+    )
+
+
+def _remote_out(out: str | Path, storage_options: Mapping) -> tuple[Any, str] | None:
+    """``(filesystem, root)`` for an object-store ``out`` URL; None for a local path."""
+    if "://" not in str(out):
+        return None
+    with object_store_errors(str(out), storage_options):
+        fs, root = fsspec.core.url_to_fs(str(out), **storage_options)
+    if isinstance(fs, LocalFileSystem):
+        raise MergeError(f"--out {out}: give local outputs as a plain path, e.g. --out {root}")
+    if "/" not in root.strip("/"):
+        raise MergeError(
+            f"--out {out}: name a prefix inside the bucket, e.g. {str(out).rstrip('/')}/merged"
+        )
+    return fs, root.rstrip("/")
+
+
+@contextlib.contextmanager
+def _output_dir(
+    out: str | Path, remote: tuple[Any, str] | None, storage_options: Mapping, force: bool
+) -> Iterator[Path]:
+    """A temp directory to fill; on success it becomes ``out`` (local swap or remote publish)."""
+    if remote is None:
+        with atomic_dir(out) as tmp:
+            yield tmp
+        return
+    fs, root = remote
+    last = (SINGLE_NAME, INDEX_NAME, META_NAME)  # the checkpoint appears whole, manifest last
+    with (
+        object_store_errors(str(out), storage_options),
+        remote_output_dir(fs, root, str(out), force=force, last=last) as tmp,
+    ):
+        yield tmp
 
 
 class _Progress:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import posixpath
 import struct
-from collections.abc import Sequence
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import fsspec
 import torch
 
 from mergeflow.io import write_json_atomic
+from mergeflow.tensors import MergeError
 
 _DTYPE_NAMES = {
     torch.float64: "F64",
@@ -147,3 +154,81 @@ class ShardedWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def remote_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Objects under the prefix ``root``, relative to it (``""``: an object at ``root`` itself)."""
+    fs.invalidate_cache()
+    found = [posixpath.relpath(p, root) for p in fs.find(root.rstrip("/") + "/")]
+    if fs.isfile(root):
+        found.append("")
+    return sorted(found)
+
+
+@contextlib.contextmanager
+def remote_output_dir(
+    fs: fsspec.AbstractFileSystem, root: str, url: str, *, force: bool, last: Sequence[str]
+) -> Iterator[Path]:
+    """Build an output directory locally, then publish it under the object-store prefix ``root``.
+
+    Object stores have no rename, so a reader must never see half an output by another rule:
+    every file is first uploaded under a temporary sibling prefix ``.<name>.tmp-<pid>-<id>``,
+    then copied (server side) into ``root`` with the files named in ``last`` copied last, in that
+    order — the shard index (or the single ``model.safetensors``) that makes the directory a
+    loadable checkpoint, then the merge manifest. A reader therefore finds no checkpoint until
+    every shard is in place. Replacing an existing output (``force``) first removes its
+    index / single file / manifest (readers then see no checkpoint rather than a mix), and
+    deletes its files that the new output does not have after publishing. The temporary prefix
+    and the local staging directory are removed in every case.
+
+    Args:
+        fs: The store's filesystem.
+        root: Output prefix on ``fs`` (``bucket/key``).
+        url: The output as the user wrote it (for messages).
+        force: Replace an existing non-empty output.
+        last: File names to publish last, in order.
+
+    Yields:
+        A local temporary directory to fill.
+
+    Raises:
+        MergeError: ``root`` is not empty and ``force`` is off (also re-checked before
+            publishing, in case another writer got there first).
+
+    """
+    with tempfile.TemporaryDirectory(prefix="mergeflow-out-") as local:
+        yield Path(local)
+        names = sorted(p.name for p in Path(local).iterdir())
+        order = [n for n in names if n not in last] + [n for n in last if n in names]
+        parent, name = posixpath.split(root.rstrip("/"))
+        stage = posixpath.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        try:
+            for n in order:
+                fs.put_file(os.path.join(local, n), f"{stage}/{n}")
+            existing = remote_files(fs, root)
+            if existing and not force:
+                raise MergeError(out_exists_message(url, existing))
+            if "" in existing:  # an object stored at the output's own key
+                fs.rm_file(root)
+            for n in last:  # unpublish the old output before its shards change
+                if n in existing:
+                    fs.rm_file(f"{root}/{n}")
+            for n in order:
+                fs.copy(f"{stage}/{n}", f"{root}/{n}")
+            stale = [f"{root}/{n}" for n in existing if n and n not in order]
+            if stale:
+                fs.rm(stale)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm(stage, recursive=True)
+            fs.invalidate_cache()
+
+
+def out_exists_message(out: str | Path, found: Sequence[str]) -> str:
+    """The refusal for an existing, non-empty ``--out`` (naming a few of its files)."""
+    shown = ", ".join(n for n in found[:3] if n) or posixpath.basename(str(out).rstrip("/"))
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return (
+        f"--out {out} already exists and is not empty ({shown}{more}): pass --force to replace "
+        "it, or choose a new output directory"
+    )

@@ -21,7 +21,9 @@ import json
 import math
 import mmap
 import os
+import re
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import save as st_save
@@ -36,6 +39,17 @@ from safetensors.torch import save as st_save
 from mergeflow.tensors import all_finite
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# A valid header nests 3 levels ({name: {"shape": [..]}}); deeper means crafted, and Python's JSON
+# parser would hit its recursion limit (RecursionError) on a few thousand levels.
+MAX_HEADER_DEPTH = 16
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_FILE_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+}
 
 _DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -78,6 +92,88 @@ def refuse_pickle(path: str) -> None:
         )
 
 
+def _json_depth(text: bytes) -> int:
+    """Deepest ``[``/``{`` nesting of JSON ``text`` (brackets inside strings do not count)."""
+    a = np.frombuffer(_JSON_STRING.sub(b'""', text), dtype=np.uint8)
+    step = np.isin(a, (ord("["), ord("{"))).astype(np.int64) - np.isin(a, (ord("]"), ord("}")))
+    return int(step.cumsum().max(initial=0))
+
+
+def _not_regular(label: str, mode: int) -> CheckpointError:
+    kind = _FILE_KINDS.get(stat.S_IFMT(mode), "not a file")
+    return CheckpointError(
+        f"{label}: not a regular file ({kind}); mergeflow reads checkpoints only from regular "
+        "files: replace it with the file itself"
+    )
+
+
+def open_regular_file(path: str | os.PathLike, label: str | None = None) -> int:
+    """Open a local file for reading, refusing anything but a regular file before reading it.
+
+    The type is checked with ``stat`` first (a device is never opened) and again on the open
+    descriptor (opened non-blocking, so a FIFO swapped in between cannot block).
+
+    Args:
+        path: Local path (symlinks are followed).
+        label: Name used in messages (default ``path``).
+
+    Returns:
+        A read-only file descriptor; the caller closes it.
+
+    Raises:
+        CheckpointError: Missing, or a FIFO, directory, device or socket.
+
+    """
+    label = str(path) if label is None else label
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"{label}: file not found") from None
+    if not stat.S_ISREG(mode):
+        raise _not_regular(label, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular(label, mode)
+    os.set_blocking(fd, True)
+    return fd
+
+
+def regular_file_size(fs: fsspec.AbstractFileSystem, fpath: str, label: str) -> int:
+    """Size of a regular file on ``fs`` (local or remote), refusing anything else.
+
+    Raises:
+        CheckpointError: Missing, or not a regular file (FIFO, directory, device, socket).
+
+    """
+    if isinstance(fs, LocalFileSystem):
+        os.close(open_regular_file(fpath, label))
+        return os.stat(fpath).st_size
+    try:
+        info = fs.info(fpath)
+    except FileNotFoundError:
+        raise CheckpointError(f"{label}: file not found") from None
+    if info.get("type") != "file":
+        raise _not_regular(label, stat.S_IFDIR if info.get("type") == "directory" else 0)
+    return int(info["size"])
+
+
+def read_regular_file(fs: fsspec.AbstractFileSystem, fpath: str, label: str) -> bytes:
+    """Whole contents of a regular file on ``fs``; FIFOs, devices and directories are refused.
+
+    Raises:
+        CheckpointError: Missing, or not a regular file.
+
+    """
+    if isinstance(fs, LocalFileSystem):
+        with os.fdopen(open_regular_file(fpath, label), "rb") as f:
+            return f.read()
+    regular_file_size(fs, fpath, label)
+    with fs.open(fpath, "rb") as f:
+        return f.read()
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -118,33 +214,22 @@ class SafetensorsFile:
         self.path = str(path)
         refuse_pickle(self.path)
         self._fs, self._fpath = fsspec.core.url_to_fs(self.path, **(storage_options or {}))
-        try:
-            size = self._fs.size(self._fpath)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: file not found") from None
-        with self._fs.open(self._fpath, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{self.path}: truncated (shorter than a safetensors header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES:
-                raise CheckpointError(
-                    f"{self.path}: header length {n} exceeds the {MAX_HEADER_BYTES} bytes allowed; "
-                    "the file is corrupted or not safetensors"
-                )
-            if n + 8 > size:
-                raise CheckpointError(
-                    f"{self.path}: header length {n} is larger than the file ({size} bytes); "
-                    "the file is truncated or not safetensors"
-                )
-            try:
-                header = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise CheckpointError(f"{self.path}: header is not valid JSON") from None
-            except _DuplicateKey as dup:
-                raise CheckpointError(
-                    f"{self.path}: header names tensor {dup.args[0]!r} twice; the file is corrupted"
-                ) from None
+        self._map: mmap.mmap | None = None
+        if isinstance(self._fs, LocalFileSystem):
+            # one descriptor, checked to be a regular file before any read (a FIFO would block)
+            fd = open_regular_file(self._fpath, self.path)
+            with os.fdopen(fd, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                n, header = self._read_header(f, size)
+                # copy-on-write: writes to a returned tensor never reach the file
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            if len(self._map) < size:  # truncated since it was measured
+                self._map.close()
+                raise CheckpointError(f"{self.path}: the file changed while it was being opened")
+        else:
+            size = regular_file_size(self._fs, self._fpath, self.path)
+            with self._fs.open(self._fpath, "rb") as f:
+                n, header = self._read_header(f, size)
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object; not safetensors")
         meta = header.pop("__metadata__", None) or {}
@@ -164,14 +249,37 @@ class SafetensorsFile:
                     f"{self.path}: tensors {a!r} and {b!r} have overlapping data_offsets; "
                     "the file is corrupted or crafted"
                 )
-        self._map: mmap.mmap | None = None
-        if isinstance(self._fs, LocalFileSystem):
-            # copy-on-write: writes to a returned tensor never reach the file
-            with open(self._fpath, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            if len(self._map) < size:  # replaced by a shorter file since the header was read
-                self._map.close()
-                raise CheckpointError(f"{self.path}: the file changed while it was being opened")
+
+    def _read_header(self, f, size: int) -> tuple[int, object]:
+        """Read and parse the header from ``f`` (at offset 0); returns its length and the JSON."""
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{self.path}: truncated (shorter than a safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(
+                f"{self.path}: header length {n} exceeds the {MAX_HEADER_BYTES} bytes allowed; "
+                "the file is corrupted or not safetensors"
+            )
+        if n + 8 > size:
+            raise CheckpointError(
+                f"{self.path}: header length {n} is larger than the file ({size} bytes); "
+                "the file is truncated or not safetensors"
+            )
+        text = f.read(n)
+        if _json_depth(text) > MAX_HEADER_DEPTH:
+            raise CheckpointError(
+                f"{self.path}: header nests deeper than {MAX_HEADER_DEPTH} levels; the file is "
+                "corrupted or crafted, not safetensors"
+            )
+        try:
+            return n, json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise CheckpointError(f"{self.path}: header is not valid JSON") from None
+        except _DuplicateKey as dup:
+            raise CheckpointError(
+                f"{self.path}: header names tensor {dup.args[0]!r} twice; the file is corrupted"
+            ) from None
 
     def _parse_entry(
         self, name: str, info: object, size: int
@@ -361,8 +469,6 @@ def _tmp_prefix(out: Path) -> str:
     return f".{out.name}.pid{os.getpid()}."
 
 
-
-
 def _pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (possibly another user's)."""
     try:
@@ -428,6 +534,15 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def _remove(p: Path) -> None:
+    """Delete a directory tree, or a file / symlink, ignoring errors."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
+
+
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     """Build a directory in a sibling temp dir, then swap it into place.
@@ -450,12 +565,12 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
         if not out.exists():
             os.replace(tmp, out)
         elif _exchange(tmp, out):  # one step: readers see the old dir or the new one
-            shutil.rmtree(tmp, ignore_errors=True)  # now holds the old artifact
+            _remove(tmp)  # now holds the old artifact (a directory, or a file)
         else:
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
