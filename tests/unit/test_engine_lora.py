@@ -1,6 +1,7 @@
 """LoRA adapters merged in weight space, re-factored by SVD, loadable by peft."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -91,15 +92,47 @@ def test_refactor_to_lower_rank_is_truncated_svd(tmp_path):
     logits(tmp_path / "out")  # peft loads it
 
 
+def ties_reference(deltas: dict[str, dict[str, torch.Tensor]], density: float) -> dict:
+    """TIES (Yadav et al., NeurIPS 2023) on dense ΔW, written out with a sort: per task keep the
+    top ⌈density·n⌉ |ΔW| over all modules, elect γ = sgn(Σ_t), mean the agreeing entries."""
+    modules = list(next(iter(deltas.values())))
+    flat = torch.stack([torch.cat([d[m].reshape(-1) for m in modules]) for d in deltas.values()])
+    k = math.ceil(density * flat.shape[1])
+    thr = flat.abs().sort(dim=1, descending=True).values[:, k - 1 : k]
+    trimmed = flat * (flat.abs() >= thr)
+    gamma = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == gamma) & (trimmed != 0)
+    merged = (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
+    out, i = {}, 0
+    for m in modules:
+        n = deltas[next(iter(deltas))][m].numel()
+        out[m] = merged[i : i + n].view_as(deltas[next(iter(deltas))][m])
+        i += n
+    return out
+
+
 def test_ties_on_dense_deltas_and_dtype_kept(tmp_path):
+    """Catches: ``method`` ignored (e.g. always task arithmetic) or TIES applied to the A/B
+    factors: the merged ΔW must equal TIES on the dense ΔW_t, and the adapter its best rank-r
+    approximation."""
     a, b = make_adapter(tmp_path / "a", 1), make_adapter(tmp_path / "b", 2)
     sd, _ = read(a)
     sd = {k: v.half() if "lora_" in k else v for k, v in sd.items()}
     save_file(sd, str(a / "adapter_model.safetensors"))
     merged = merge_lora_adapters({"a": a, "b": b}, tmp_path / "out", method="ties", density=0.5)
-    out_sd, _ = read(tmp_path / "out")
+    out_sd, cfg = read(tmp_path / "out")
     assert {v.dtype for k, v in out_sd.items() if "lora_" in k} == {torch.float16}
-    assert all(torch.isfinite(v).all() for v in merged.values())
+    ref = ties_reference({"a": dense_deltas(*read(a)), "b": dense_deltas(*read(b))}, 0.5)
+    assert set(merged) == set(ref)
+    for m in ref:
+        torch.testing.assert_close(merged[m], ref[m], rtol=1e-5, atol=1e-5)
+        assert (ref[m] == 0).any()  # the trim did something: TA's sum would differ here
+    out = dense_deltas(out_sd, cfg)
+    for m in ref:  # re-factored to rank 8 (4 + 4) by truncated SVD, stored in float16
+        u, s, vh = torch.linalg.svd(ref[m])
+        r = cfg["r"] if "rank_pattern" not in cfg else cfg["rank_pattern"].get(m, cfg["r"])
+        best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        torch.testing.assert_close(out[m], best, rtol=2e-2, atol=2e-2)
 
 
 def test_bad_adapters(tmp_path):
