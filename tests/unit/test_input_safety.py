@@ -129,6 +129,12 @@ def _index(tmp: Path, raw: bytes) -> list[str]:
     return merge_args(tmp, experts={"a": d})
 
 
+def _lone_shard(tmp: Path) -> list[str]:
+    d = _ckpt(tmp / "ex_a", _sd(1))  # a sharded upload cut short: shard 1 of 2, no index yet
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    return merge_args(tmp, experts={"a": d})
+
+
 def _s3_expert(tmp: Path, options: str) -> list[str]:
     return [*merge_args(tmp, experts={"a": "s3://bucket/ex_a"}), "--storage-options", options]
 
@@ -192,6 +198,11 @@ ROWS = [
         "index-weight-map-path",
         lambda t: _index(t, b'{"weight_map": {"enc.w": "../../x.safetensors"}}'),
         "'weight_map' must map tensor names to shard file names",
+    ),
+    Row(
+        "lone-shard-without-index",
+        _lone_shard,
+        "no model.safetensors or model.safetensors.index.json found",
     ),
     Row(
         "workers-negative",

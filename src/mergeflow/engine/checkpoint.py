@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections.abc import Mapping
 
 import fsspec
@@ -18,6 +19,7 @@ from mergeflow.io.safetensors_io import (
 from mergeflow.remote import object_store_errors
 
 INDEX_NAME = "model.safetensors.index.json"
+_SHARD = re.compile(r".+-\d+-of-\d+\.safetensors")
 SINGLE_NAME = "model.safetensors"
 # config.json fields that must agree between base and experts (when both define them).
 ARCH_FIELDS = (
@@ -92,7 +94,11 @@ class Checkpoint:
             elif SINGLE_NAME in names:
                 self._add(self._url(SINGLE_NAME))
             else:
-                sts = sorted(n for n in names if n.endswith(".safetensors"))
+                # a lone shard (model-00001-of-00003…) is part of a checkpoint whose index is
+                # missing, e.g. still being uploaded: never take it for the whole model
+                sts = sorted(
+                    n for n in names if n.endswith(".safetensors") and not _SHARD.fullmatch(n)
+                )
                 pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
                 if len(sts) == 1:
                     self._add(self._url(sts[0]))
