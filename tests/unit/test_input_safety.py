@@ -162,6 +162,11 @@ ROWS = [
         "is an existing file: pass --force to replace it with the merged directory",
     ),
     Row("out-previous-merge", _previous_merge, "already exists and is not empty"),
+    Row(
+        "out-s3-bucket-without-prefix",
+        lambda t: _out(merge_args(t), "s3://bucket"),
+        "--out s3://bucket: name a prefix inside the bucket, e.g. s3://bucket/merged",
+    ),
     Row("out-inside-base", _out_inside_base, "is inside the base"),
     Row("fifo-weights", _fifo_weights, "model.safetensors: not a regular file (a FIFO)"),
     Row("fifo-weights-file", _fifo_weights_file, "a.safetensors: not a regular file (a FIFO)"),
