@@ -136,8 +136,9 @@ def object_store_error(
     """The one-line :class:`RemoteError` for an object-store failure, or None if ``err`` is not one.
 
     Covers what botocore/s3fs raise for ``url`` (an ``s3://…`` input or output read or written
-    through fsspec): missing or rejected credentials, an unreachable endpoint, another S3 error,
-    and an fsspec option the store does not accept (a bad ``--storage-options`` key).
+    through fsspec): missing or rejected credentials, a missing bucket or object, an unreachable
+    endpoint, another S3 error, and an fsspec option the store does not accept (a bad
+    ``--storage-options`` key).
 
     Args:
         err: The exception raised.
@@ -163,6 +164,8 @@ def object_store_error(
         return RemoteError(
             f"no S3 credentials for {where}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         )
+    if isinstance(err, FileNotFoundError):  # s3fs's translation of NoSuchBucket / NoSuchKey
+        return RemoteError(f"{where}: {err}; create the bucket or check the URL")
     if isinstance(err, PermissionError):  # s3fs's translation of AccessDenied / bad keys
         return RemoteError(
             f"S3 rejected the credentials for {where} ({err}): check AWS_ACCESS_KEY_ID / "

@@ -135,3 +135,16 @@ def test_sharded_output_is_published_index_last_and_a_failed_publish_leaves_no_c
         Checkpoint(url2, opts)  # shards without their index: a reader sees no checkpoint
     parent = prefix.rsplit("/", 1)[0]
     assert not [p for p in fs.ls(parent, detail=False) if "/." in p]  # temp prefix removed
+
+
+def test_output_to_a_missing_bucket_is_one_error_line(s3, tmp_path):
+    from mergeflow.cli import app
+
+    fs, opts, prefix = s3
+    res = CliRunner().invoke(app, _args(tmp_path, opts, "s3://no-such-bucket-22/merged"))
+    assert res.exit_code == 2, (res.output, res.exception)
+    flat = " ".join(res.output.split())
+    assert flat.count("error:") == 1 and "Traceback" not in res.output
+    assert "s3://no-such-bucket-22/merged at http://127.0.0.1:" in flat
+    assert "bucket does not exist; create the bucket or check the URL" in flat
+    assert not (tmp_path / "s3:").exists()
