@@ -141,17 +141,24 @@ def report(
     figures: Annotated[
         Path | None, typer.Option(help="also write each chart as <id>.svg into this directory")
     ] = None,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing file at --out that is not a report")
+    ] = False,
 ) -> None:
     """Write the dashboard: a self-contained HTML page of tables and charts (opens offline).
 
     Missing inputs (a failed stage, no MLflow history) become notices on the page, not errors.
     """
+    from mergeflow.io import OutputError
     from mergeflow.report import write_report
 
     if not root.is_dir():
         _fail(FileNotFoundError(f"workspace {root} does not exist"))
     page = out or root / "reports" / "index.html"
-    rep = write_report(root, page, figures_dir=figures)
+    try:
+        rep = write_report(root, page, figures_dir=figures, force=force)
+    except (OutputError, OSError) as err:
+        _fail(err)
     for n in rep.missing:
         console.print(f"[yellow]missing:[/yellow] {n.what} — {n.why}")
     console.print(f"wrote {page} ({len(rep.figures)} charts, {len(rep.missing)} notice(s))")
@@ -166,14 +173,18 @@ def export_task(
         Path | None,
         typer.Option(help="base model dir: θ_0 if the archive references it, and the tokenizer"),
     ] = Path("models/base"),
+    force: Annotated[
+        bool, typer.Option(help="replace an existing non-empty directory or a file at --out")
+    ] = False,
 ) -> None:
     """Rebuild one expert θ_t = θ_0 + m_t ⊙ τ_MTL from a TALL archive as a Hugging Face model."""
     from mergeflow.compression import ArchiveError, export
-    from mergeflow.io import CheckpointError
+    from mergeflow.io import CheckpointError, OutputError
 
     try:
-        export(archive, task, out, base if base is not None and base.exists() else None)
-    except (ArchiveError, CheckpointError, OSError) as err:
+        base_dir = base if base is not None and base.exists() else None
+        export(archive, task, out, base_dir, force=force)
+    except (ArchiveError, CheckpointError, OutputError, OSError) as err:
         _fail(err)
     console.print(f"wrote {out} (task {task} from {archive})")
 
@@ -184,6 +195,9 @@ def lora_lego(
     out: Annotated[Path, typer.Option(help="adapter dir to write (PeftModel loads it)")],
     rank: Annotated[int, typer.Option(help="target rank k (clusters per module)")] = 8,
     seed: Annotated[int, typer.Option(help="k-means seed")] = 0,
+    force: Annotated[
+        bool, typer.Option(help="replace an existing non-empty directory or a file at --out")
+    ] = False,
 ) -> None:
     """Merge LoRA adapters by clustering their rank-1 units (LoRA-LEGO, Zhao et al. ICLR 2025)."""
     from mergeflow.compression.lora_lego import write_adapter
@@ -191,8 +205,8 @@ def lora_lego(
     from mergeflow.tensors import MergeError
 
     try:
-        info = write_adapter({str(p): p for p in adapters}, out, rank, seed=seed)
-    except (MergeError, ModelError, OSError) as err:
+        info = write_adapter({str(p): p for p in adapters}, out, rank, seed=seed, force=force)
+    except (MergeError, ModelError, OSError) as err:  # MergeError includes OutputError
         _fail(err)
     console.print(
         f"wrote {out}: {info['units_pooled']} rank-1 units → rank {rank} "

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from mergeflow.engine.lora import adapter_config
-from mergeflow.io import atomic_dir, save_state_dict
+from mergeflow.io import atomic_dir, check_out, save_state_dict
 from mergeflow.tensors import MergeError
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -227,6 +227,7 @@ def write_adapter(
     *,
     seed: int = 0,
     output_scale: float = 1.0,
+    force: bool = False,
 ) -> dict:
     """Run :func:`lora_lego` on peft adapter dirs and save the result as a peft adapter.
 
@@ -241,14 +242,25 @@ def write_adapter(
         rank: Target rank k.
         seed: k-means seed.
         output_scale: See :func:`lego_module`.
+        force: Replace an existing non-empty ``out`` directory or a file there.
 
     Returns:
         Summary: modules, their ranks, units pooled per module, dropped tensors.
+
+    Raises:
+        MergeError: No adapters, or adapters that cannot be merged.
+        OutputError: ``out`` would replace an input adapter or existing files (without
+            ``force``), or cannot be written (see :func:`mergeflow.io.check_out`).
     """
     from mergeflow.models.lora import read_adapter
 
     if not adapter_dirs:
         raise MergeError("LoRA-LEGO needs at least one LoRA adapter directory")
+    labels = [
+        (f"adapter '{t}'" if str(t) != str(d) else "an input adapter", d)
+        for t, d in adapter_dirs.items()
+    ]
+    check_out(out, labels, force=force)
     loaded = {t: read_adapter(d) for t, d in adapter_dirs.items()}
     tensors, ranks = lora_lego(loaded, rank, seed=seed, output_scale=output_scale)
     first = next(iter(loaded))
@@ -263,7 +275,7 @@ def write_adapter(
         )
         (extras.__setitem__(key, v) if same else dropped.append(key))
     cfg = adapter_config(loaded[first][1], ranks, drop_modules_to_save=bool(dropped))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=force) as tmp:
         save_state_dict({**tensors, **extras}, tmp / "adapter_model.safetensors", {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return {

@@ -34,6 +34,7 @@ import torch
 from mergeflow.io import (
     SafetensorsFile,
     atomic_dir,
+    check_out,
     file_sha256,
     save_state_dict,
     write_json_atomic,
@@ -264,7 +265,12 @@ def load(
 
 
 def export(
-    archive: str | Path, task: str, out: str | Path, base_dir: str | Path | None = None
+    archive: str | Path,
+    task: str,
+    out: str | Path,
+    base_dir: str | Path | None = None,
+    *,
+    force: bool = False,
 ) -> Path:
     """Write one reconstructed expert as a Hugging Face model dir (``from_pretrained`` loads it).
 
@@ -275,13 +281,17 @@ def export(
         base_dir: The base model dir: θ_0 when the archive references it, and the tokenizer
             files copied next to the model. Optional for archives that store θ_0 (then no
             tokenizer is copied).
+        force: Replace an existing non-empty ``out`` directory or a file there.
 
     Returns:
         ``out``.
 
     Raises:
         ArchiveError: Unknown task, no config for it, θ_0 missing or wrong, corrupted archive.
+        OutputError: ``out`` would replace the archive or the base, or existing files (without
+            ``force``), or cannot be written (see :func:`mergeflow.io.check_out`).
     """
+    check_out(out, {"the archive": archive, "the base": base_dir}, force=force)
     archive = Path(archive)
     m = manifest(archive)
     if task not in m["tasks"]:
@@ -295,7 +305,7 @@ def export(
     base = None if m.get("base_included") or base_dir is None else base_dir / "model.safetensors"
     enc, head = load(archive, task, base)
     prefix = m["encoder_prefix"] + "." if m["encoder_prefix"] else ""
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=force) as tmp:
         save_state_dict(
             {**{prefix + k: v for k, v in enc.items()}, **head},
             tmp / "model.safetensors",

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mergeflow import methods
-from mergeflow.io import atomic_dir, check_finite, load_state_dict, save_state_dict
+from mergeflow.io import atomic_dir, check_finite, check_out, load_state_dict, save_state_dict
 from mergeflow.tensors import MergeError
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -117,6 +117,7 @@ def merge_lora_adapters(
     out: str | Path,
     method: str = "task_arithmetic",
     rank: int | None = None,
+    force: bool = False,
     **hyperparams: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge peft LoRA adapters in weight space and save a peft adapter to ``out``.
@@ -133,6 +134,7 @@ def merge_lora_adapters(
         method: Registered merge method applied to the dense ``ΔW``.
         rank: Rank of the saved adapter; default the sum of the input ranks (exact for task
             arithmetic), capped by the matrix size.
+        force: Replace an existing non-empty ``out`` directory or a file there.
         **hyperparams: Method hyper-parameters (e.g. ``scaling=1.0``).
 
     Returns:
@@ -141,10 +143,13 @@ def merge_lora_adapters(
     Raises:
         MergeError: No adapters, different base models / target modules / shapes, differing
             non-LoRA tensors, pickled adapters, or a bad method / hyper-parameter.
+        OutputError: ``out`` would replace an input adapter or existing files (without
+            ``force``), or cannot be written (see :func:`mergeflow.io.check_out`).
 
     """
     if not adapters:
         raise MergeError("no adapters given: merging needs at least one LoRA adapter")
+    check_out(out, {f"adapter '{t}'": p for t, p in adapters.items()}, force=force)
     loaded = {t: _read(Path(p)) for t, p in adapters.items()}
     first_t = next(iter(loaded))
     sd0, cfg0 = loaded[first_t]
@@ -185,7 +190,7 @@ def merge_lora_adapters(
         ranks[m] = a.shape[0]
     tensors.update(extras)
     cfg = adapter_config(cfg0, ranks)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=force) as tmp:
         save_state_dict(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return merged

@@ -1,4 +1,4 @@
-"""Artifact I/O: lazy safetensors over fsspec, atomic writes, hashing.
+"""Artifact I/O: lazy safetensors over fsspec, atomic writes, safe output paths, hashing.
 
 Names resolve on first use (PEP 562), so ``from mergeflow.io import tree_md5`` does not import torch
 (lineage tracking and the data stage need only hashing).
@@ -13,6 +13,9 @@ _HOME = {
     "file_md5": "hashing",
     "file_sha256": "hashing",
     "tree_md5": "hashing",
+    "OutputError": "outputs",
+    "check_out": "outputs",
+    "write_error": "outputs",
     "CheckpointError": "safetensors_io",
     "SafetensorsFile": "safetensors_io",
     "atomic_dir": "safetensors_io",
@@ -26,9 +29,11 @@ _HOME = {
 
 __all__ = [
     "CheckpointError",
+    "OutputError",
     "SafetensorsFile",
     "atomic_dir",
     "check_finite",
+    "check_out",
     "file_md5",
     "file_sha256",
     "load_state_dict",
@@ -36,11 +41,13 @@ __all__ = [
     "save_state_dict",
     "tree_md5",
     "write_bytes_atomic",
+    "write_error",
     "write_json_atomic",
 ]
 
 if TYPE_CHECKING:
     from mergeflow.io.hashing import file_md5, file_sha256, tree_md5
+    from mergeflow.io.outputs import OutputError, check_out, write_error
     from mergeflow.io.safetensors_io import (
         CheckpointError,
         SafetensorsFile,

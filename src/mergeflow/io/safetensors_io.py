@@ -544,33 +544,70 @@ def _remove(p: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(out: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Build a directory in a sibling temp dir, then swap it into place.
 
     On success the finished directory replaces ``out`` (on Linux by one atomic exchange, so even a
     SIGKILL leaves the old or the new directory); on any error the temp dir is removed and ``out``
     is left as it was (old artifact or nothing), never half-written. Temp dirs carry the pid; the
-    next writer of ``out`` removes those of killed processes.
+    next writer of ``out`` removes those of killed processes. Two writers racing to one new
+    ``out`` end with one complete result: with ``replace`` the later one swaps its own in, without
+    it the later one is refused and the first one's is kept.
+
+    Args:
+        out: The directory to write.
+        replace: Replace an existing ``out`` (a directory or a file); when False only a new
+            ``out`` or an empty directory is.
 
     Yields:
         The temp directory to fill.
+
+    Raises:
+        OutputError: ``out`` exists (not an empty directory) at the swap and ``replace`` is
+            False; or writing failed for a reason the user must fix (file-size limit, disk full,
+            read-only or forbidden directory), named in the message.
+
     """
+    from mergeflow.io.outputs import write_error
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _sweep_stale(out)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_tmp_prefix(out), suffix=".tmp"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _sweep_stale(out)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=_tmp_prefix(out), suffix=".tmp"))
+    except OSError as err:
+        raise (write_error(err, out) or err) from None
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual directory mode
     try:
         yield tmp
-        if not out.exists():
-            os.replace(tmp, out)
-        elif _exchange(tmp, out):  # one step: readers see the old dir or the new one
-            _remove(tmp)  # now holds the old artifact (a directory, or a file)
-        else:
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            _remove(old)
-    except BaseException:
+        _publish(tmp, out, replace)
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        clean = write_error(err, out, tmp) if isinstance(err, OSError) else None
+        if clean is not None:
+            raise clean from None
         raise
+
+
+def _publish(tmp: Path, out: Path, replace: bool) -> None:
+    """Move the finished ``tmp`` to ``out`` (see :func:`atomic_dir`)."""
+    from mergeflow.io.outputs import OutputError
+
+    try:
+        os.rename(tmp, out)  # a new out (or an empty directory): one step, never over a full one
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+    if not replace:
+        raise OutputError(
+            f"{out} exists now (another writer made it while this one ran?) and was kept as it "
+            "is: pass --force to replace it, or choose a new output path"
+        )
+    if _exchange(tmp, out):  # one step: readers see the old dir or the new one
+        _remove(tmp)  # now holds the old artifact (a directory, or a file)
+    else:
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        _remove(old)

@@ -32,8 +32,11 @@ from mergeflow.report.tables import Interval, comparisons, metric_tables, ordere
 MODEL_NAME = "mergeflow-merged"
 # forms of plots/pareto.csv drawn in the colour of their row in metrics/eval.json
 FORM_ROWS = {"experts": "expert", "tall": "tall_masks", "twin": "twin_merging"}
-HISTORY_COLORS = {"best merge per run": "#4e79a7", "registered version": "#f28e2b",
-                  "champion (registered model)": "#59a14f"}
+HISTORY_COLORS = {
+    "best merge per run": "#4e79a7",
+    "registered version": "#f28e2b",
+    "champion (registered model)": "#59a14f",
+}
 
 
 @dataclass
@@ -119,36 +122,46 @@ def section_bars(ev: Evaluation | None, pal: charts.Palette) -> Section:
     """The mean normalized overview and one bar chart per task, with 95 % error bars."""
     sec = Section("per-task", "Per-task accuracy")
     if ev is None:
-        sec.notices.append(Missing("metrics/eval.json", "no evaluation to plot", "`dvc repro evaluate`"))
+        sec.notices.append(
+            Missing("metrics/eval.json", "no evaluation to plot", "`dvc repro evaluate`")
+        )
         return sec
     rows = ordered_rows(ev)
-    figs = [Figure(charts.bar_chart(
-        "mean-normalized",
-        "Mean normalized accuracy per method",
-        rows,
-        [ev.rows[r]["mean_normalized"] for r in rows],
-        colors=pal,
-        cis=[ev.rows[r]["mean_normalized_ci"] for r in rows],
-        x_label="mean normalized accuracy (÷ expert)",
-        reference=1.0,
-        reference_label="expert = 1.0",
-    ))]
+    figs = [
+        Figure(
+            charts.bar_chart(
+                "mean-normalized",
+                "Mean normalized accuracy per method",
+                rows,
+                [ev.rows[r]["mean_normalized"] for r in rows],
+                colors=pal,
+                cis=[ev.rows[r]["mean_normalized_ci"] for r in rows],
+                x_label="mean normalized accuracy (÷ expert)",
+                reference=1.0,
+                reference_label="expert = 1.0",
+            )
+        )
+    ]
     for t in ev.tasks:
         expert = ev.rows.get("expert", {}).get("accuracy", {}).get(t)
         n = ev.n_test(t)
-        figs.append(Figure(charts.bar_chart(
-            f"task-{t}",
-            f"{t}: test accuracy" + (f" (n = {n})" if n else ""),
-            rows,
-            [ev.rows[r]["accuracy"].get(t) for r in rows],
-            colors=pal,
-            cis=[ev.rows[r]["accuracy_ci"].get(t) for r in rows],
-            n=[ev.rows[r]["n_test"].get(t) for r in rows],
-            x_label="test accuracy (fraction correct)",
-            x_max=1.0,
-            reference=expert,
-            reference_label=f"expert {charts.fmt(expert)}" if expert is not None else "",
-        )))
+        figs.append(
+            Figure(
+                charts.bar_chart(
+                    f"task-{t}",
+                    f"{t}: test accuracy" + (f" (n = {n})" if n else ""),
+                    rows,
+                    [ev.rows[r]["accuracy"].get(t) for r in rows],
+                    colors=pal,
+                    cis=[ev.rows[r]["accuracy_ci"].get(t) for r in rows],
+                    n=[ev.rows[r]["n_test"].get(t) for r in rows],
+                    x_label="test accuracy (fraction correct)",
+                    x_max=1.0,
+                    reference=expert,
+                    reference_label=f"expert {charts.fmt(expert)}" if expert is not None else "",
+                )
+            )
+        )
     sec.data = {"figures": figs, "has_intervals": ev.has_intervals}
     return sec
 
@@ -160,15 +173,21 @@ def section_pareto(root: Path, ev: Evaluation | None, pal: charts.Palette) -> Se
     sec.notices += notes
     use_norm = bool(pts) and all(p.mean_normalized is not None for p in pts)
     chart_pts = [
-        charts.Point(p.form, p.bytes / 1e6, (p.mean_normalized if use_norm else p.mean_accuracy),
-                     p.setting)
+        charts.Point(
+            p.form, p.bytes / 1e6, (p.mean_normalized if use_norm else p.mean_accuracy), p.setting
+        )
         for p in pts
         if (p.mean_normalized if use_norm else p.mean_accuracy) is not None
     ]
     if not chart_pts:
         if not notes:
-            sec.notices.append(Missing("plots/pareto.csv", "no stored form with both a size and "
-                                       "an accuracy", "`dvc repro evaluate`"))
+            sec.notices.append(
+                Missing(
+                    "plots/pareto.csv",
+                    "no stored form with both a size and an accuracy",
+                    "`dvc repro evaluate`",
+                )
+            )
         return sec
     derived = source.startswith("derived")
     fig = charts.scatter_chart(
@@ -183,10 +202,14 @@ def section_pareto(root: Path, ev: Evaluation | None, pal: charts.Palette) -> Se
     caption = (
         "Sizes: experts = all expert files; merges and base = one model (≈ experts ÷ tasks); "
         "TALL = archive plus θ₀ when referenced; Twin-Merging = its archive."
-        if derived else "Sizes as measured by the evaluate stage; hover a point for its setting."
+        if derived
+        else "Sizes as measured by the evaluate stage; hover a point for its setting."
     )
-    sec.data = {"figure": Figure(fig, caption), "source": source,
-                "n_tasks": len(ev.tasks) if ev else None}
+    sec.data = {
+        "figure": Figure(fig, caption),
+        "source": source,
+        "n_tasks": len(ev.tasks) if ev else None,
+    }
     return sec
 
 
@@ -195,8 +218,9 @@ def section_scaling(root: Path, pal: charts.Palette) -> Section:
     sec = Section("scaling", "Scaling search on validation")
     rows = inputs.read_csv(root, "plots/coefficients.csv")
     if not rows:
-        sec.notices.append(Missing("plots/coefficients.csv", "not found or empty",
-                                   "`dvc repro coefficients`"))
+        sec.notices.append(
+            Missing("plots/coefficients.csv", "not found or empty", "`dvc repro coefficients`")
+        )
         return sec
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
@@ -207,17 +231,26 @@ def section_scaling(root: Path, pal: charts.Palette) -> Section:
         except (KeyError, ValueError, TypeError):
             continue
     if not series:
-        sec.notices.append(Missing("plots/coefficients.csv", "no (method, scaling, "
-                                   "val_mean_accuracy) rows", "`dvc repro coefficients`"))
+        sec.notices.append(
+            Missing(
+                "plots/coefficients.csv",
+                "no (method, scaling, val_mean_accuracy) rows",
+                "`dvc repro coefficients`",
+            )
+        )
         return sec
-    sec.data = {"figure": Figure(charts.line_chart(
-        "scaling",
-        "Validation accuracy vs scaling λ",
-        series,
-        colors=pal,
-        x_label="scaling λ (unitless)",
-        y_label="mean validation accuracy",
-    ))}
+    sec.data = {
+        "figure": Figure(
+            charts.line_chart(
+                "scaling",
+                "Validation accuracy vs scaling λ",
+                series,
+                colors=pal,
+                x_label="scaling λ (unitless)",
+                y_label="mean validation accuracy",
+            )
+        )
+    }
     return sec
 
 
@@ -228,28 +261,34 @@ def section_heatmaps(root: Path) -> Section:
     sec.notices += notes
     if not maps:
         if not (root / "artifacts" / "coefficients").is_dir():
-            sec.notices.append(Missing("artifacts/coefficients", "not found",
-                                       "`dvc repro coefficients`"))
+            sec.notices.append(
+                Missing("artifacts/coefficients", "not found", "`dvc repro coefficients`")
+            )
         else:
             sec.data = {"none_learned": True}
         return sec
     figs = []
     for m in maps:
         what = f"{m.method}, " if m.method else ""
-        figs.append(Figure(
-            charts.heatmap(
-                f"alpha-{m.run}",
-                f"{m.run} ({what}{m.scheme} blocks): learned α",
-                m.tasks,
-                m.layers,
-                m.values,
-                x_label=("one α per task (all layers)" if m.layers == ["all layers"]
-                         else "layer (emb = embeddings, Ln = transformer layer n)"),
-                y_label="task",
-                value_label="α (unitless)",
-            ),
-            m.note,
-        ))
+        figs.append(
+            Figure(
+                charts.heatmap(
+                    f"alpha-{m.run}",
+                    f"{m.run} ({what}{m.scheme} blocks): learned α",
+                    m.tasks,
+                    m.layers,
+                    m.values,
+                    x_label=(
+                        "one α per task (all layers)"
+                        if m.layers == ["all layers"]
+                        else "layer (emb = embeddings, Ln = transformer layer n)"
+                    ),
+                    y_label="task",
+                    value_label="α (unitless)",
+                ),
+                m.note,
+            )
+        )
     sec.data = {"figures": figs}
     return sec
 
@@ -291,8 +330,16 @@ def history_series(hist: Mapping[str, Any]) -> tuple[dict[str, list], list[str],
             pos_of_parent[e["parent_run_id"]] = i
         if b:
             best.append((float(i), b[1]))
-        rows.append({"x": i, "when": labels[-1], "run_id": e["run_id"], "best": b,
-                     "parent": e.get("parent_run_id", ""), "version": None})
+        rows.append(
+            {
+                "x": i,
+                "when": labels[-1],
+                "run_id": e["run_id"],
+                "best": b,
+                "parent": e.get("parent_run_id", ""),
+                "version": None,
+            }
+        )
     registered, champion = [], []
     for v in hist.get("versions", []):
         try:
@@ -306,8 +353,11 @@ def history_series(hist: Mapping[str, Any]) -> tuple[dict[str, list], list[str],
         rows[i]["version"] = v
         if v["tags"].get("promoted") == "true":
             champion.append((float(i), score))
-    series = {"best merge per run": best, "registered version": registered,
-              "champion (registered model)": champion}
+    series = {
+        "best merge per run": best,
+        "registered version": registered,
+        "champion (registered model)": champion,
+    }
     return series, labels, rows
 
 
@@ -360,8 +410,12 @@ def section_history(hist: Mapping[str, Any] | None, hist_error: str) -> Section:
         return sec
     series, labels, rows = history_series(hist)
     champ = hist.get("aliases", {}).get("champion")
-    sec.data = {"n": len(labels), "where": hist.get("uri", ""), "champion": champ,
-                "model": MODEL_NAME}
+    sec.data = {
+        "n": len(labels),
+        "where": hist.get("uri", ""),
+        "champion": champ,
+        "model": MODEL_NAME,
+    }
     if not labels:
         return sec
     table = []
@@ -370,8 +424,14 @@ def section_history(hist: Mapping[str, Any] | None, hist_error: str) -> Section:
         reg = ""
         if v:
             reg = f"v{v['version']}" + (" (champion)" if champ == v["version"] else "")
-        table.append({"when": r["when"], "link": _run_link(hist, r["parent"] or r["run_id"]),
-                      "best": r["best"], "registered": reg})
+        table.append(
+            {
+                "when": r["when"],
+                "link": _run_link(hist, r["parent"] or r["run_id"]),
+                "best": r["best"],
+                "registered": reg,
+            }
+        )
     sec.data |= {"figure": Figure(history_chart(series, labels)), "rows": table}
     return sec
 
@@ -384,34 +444,54 @@ def section_lineage(root: Path, ev: Evaluation | None, hist: Mapping[str, Any] |
     ev_md5 = lin.stage_md5.get("evaluate", {})
     recorded = ev_md5.get("metrics/eval.json")
     if recorded and lin.metrics_md5 and recorded != lin.metrics_md5:
-        sec.notices.append(Missing("metrics/eval.json", "differs from the md5 dvc.lock recorded "
-                                   "for it (a changed or failed evaluate run)", "`dvc repro`"))
+        sec.notices.append(
+            Missing(
+                "metrics/eval.json",
+                "differs from the md5 dvc.lock recorded for it (a changed or failed evaluate run)",
+                "`dvc repro`",
+            )
+        )
     if not lin.data:
-        sec.notices.append(Missing("data/tasks/*/meta.json", "no task data found",
-                                   "`dvc repro prepare`"))
+        sec.notices.append(
+            Missing("data/tasks/*/meta.json", "no task data found", "`dvc repro prepare`")
+        )
     mlflow: dict[str, Any] | None = None
     if hist is not None and lin.metrics_md5:
-        match = [e for e in hist.get("evaluations", [])
-                 if e["tags"].get("output.metrics.md5") == lin.metrics_md5]
+        match = [
+            e
+            for e in hist.get("evaluations", [])
+            if e["tags"].get("output.metrics.md5") == lin.metrics_md5
+        ]
         mlflow = {"found": bool(match), "uri": hist.get("uri", "")}
         if match:
             e = match[-1]
             parent = e.get("parent_run_id") or ""
-            mlflow |= {"run": _run_link(hist, e["run_id"]), "parent": _run_link(hist, parent),
-                       "versions": []}
+            mlflow |= {
+                "run": _run_link(hist, e["run_id"]),
+                "parent": _run_link(hist, parent),
+                "versions": [],
+            }
             for v in hist.get("versions", []):
                 if parent and v["run_id"] == parent:
                     mlflow["versions"].append(
                         (v["version"], hist.get("aliases", {}).get("champion") == v["version"])
                     )
     if lin.incomplete_stages:
-        sec.notices.append(Missing(
-            "stages " + ", ".join(lin.incomplete_stages),
-            "have no dvc.lock entry (not run yet, or failed)",
-            "`dvc repro` (or `mergeflow run`)",
-        ))
-    sec.data = {"lin": lin, "best": best, "best_row": ev.rows[best] if best else None,
-                "evaluate_md5": ev_md5, "mlflow": mlflow, "model": MODEL_NAME}
+        sec.notices.append(
+            Missing(
+                "stages " + ", ".join(lin.incomplete_stages),
+                "have no dvc.lock entry (not run yet, or failed)",
+                "`dvc repro` (or `mergeflow run`)",
+            )
+        )
+    sec.data = {
+        "lin": lin,
+        "best": best,
+        "best_row": ev.rows[best] if best else None,
+        "evaluate_md5": ev_md5,
+        "mlflow": mlflow,
+        "model": MODEL_NAME,
+    }
     return sec
 
 
@@ -423,16 +503,27 @@ def _cards(ev: Evaluation | None, root: Path) -> list[tuple[str, str, Interval |
     best = ev.best_merge()
     if best:
         s = ev.rows[best]
-        cards.append((charts.fmt(s["mean_normalized"]), f"best merge: {best} (mean normalized)",
-                      s["mean_normalized_ci"]))
+        cards.append(
+            (
+                charts.fmt(s["mean_normalized"]),
+                f"best merge: {best} (mean normalized)",
+                s["mean_normalized_ci"],
+            )
+        )
     for r, label in (("tall_masks", "TALL masks"), ("twin_merging", "Twin-Merging")):
         if r in ev.rows and ev.rows[r]["mean_normalized"] is not None:
-            cards.append((charts.fmt(ev.rows[r]["mean_normalized"]),
-                          f"{label} (mean normalized)", ev.rows[r]["mean_normalized_ci"]))
+            cards.append(
+                (
+                    charts.fmt(ev.rows[r]["mean_normalized"]),
+                    f"{label} (mean normalized)",
+                    ev.rows[r]["mean_normalized_ci"],
+                )
+            )
     comp, _ = inputs.read_json(root, "metrics/compress.json", "compress")
     try:
-        cards.append((f"{comp['tall']['ratio_with_base']:.0%}",
-                      "TALL size incl. θ₀ vs all experts", None))
+        cards.append(
+            (f"{comp['tall']['ratio_with_base']:.0%}", "TALL size incl. θ₀ vs all experts", None)
+        )
     except (TypeError, KeyError, ValueError):
         pass
     cards.append((str(len(ev.tasks)), "tasks", None))
@@ -470,15 +561,22 @@ _ENV = jinja2.Environment(
     trim_blocks=True,
     lstrip_blocks=True,
 )
-_ENV.filters |= {"num": _num, "ci": lambda ci, d=3: charts.fmt_ci(ci, d), "code": _code,
-                 "signed": lambda v: "–" if v is None else f"{v:+.3f}"}
+_ENV.filters |= {
+    "num": _num,
+    "ci": lambda ci, d=3: charts.fmt_ci(ci, d),
+    "code": _code,
+    "signed": lambda v: "–" if v is None else f"{v:+.3f}",
+}
 
 
 def generated_at() -> str:
     """The build time shown on the page; ``SOURCE_DATE_EPOCH`` (reproducible builds) wins."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
-    when = (dt.datetime.fromtimestamp(int(epoch), dt.UTC) if epoch.isdigit()
-            else dt.datetime.now(dt.UTC))
+    when = (
+        dt.datetime.fromtimestamp(int(epoch), dt.UTC)
+        if epoch.isdigit()
+        else dt.datetime.now(dt.UTC)
+    )
     return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
@@ -539,6 +637,15 @@ def build_report(
     return Report(html, figures, sections, headline_rows(ev) if ev else [])
 
 
+def is_report_page(path: str | Path) -> bool:
+    """Whether ``path`` is a page an earlier ``write_report`` wrote (its title, at the top)."""
+    try:
+        with open(path, "rb") as f:
+            return b"<title>mergeflow dashboard</title>" in f.read(4096)
+    except OSError:
+        return False
+
+
 def write_report(
     root: str | Path,
     out: str | Path | None = None,
@@ -546,20 +653,35 @@ def write_report(
     status: tuple[str, str] | None = None,
     history: Mapping[str, Any] | None = None,
     figures_dir: str | Path | None = None,
+    force: bool = False,
 ) -> Report:
     """Build the report and write it atomically to ``out`` (default ``<root>/reports/index.html``).
 
-    With ``figures_dir``, every figure is also written there as ``<id>.svg``.
+    With ``figures_dir``, every figure is also written there as ``<id>.svg``. An existing file at
+    ``out`` is replaced only when it is an earlier report, or with ``force``; a directory there
+    never (both are checked before the report is built).
+
+    Raises:
+        OutputError: ``out`` is a directory, another file (without ``force``), or cannot be
+            written; ``figures_dir`` is a file.
     """
-    from mergeflow.io import write_bytes_atomic
+    from mergeflow.io import OutputError, check_out, write_bytes_atomic, write_error
 
     root = Path(root)
-    rep = build_report(root, status=status, history=history)
     out = Path(out) if out is not None else root / "reports" / "index.html"
-    write_bytes_atomic(out, rep.html.encode("utf-8"))
-    if figures_dir is not None:
-        d = Path(figures_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        for name, chart in rep.figures.items():
-            write_bytes_atomic(d / f"{name}.svg", chart.encode("utf-8"))
+    check_out(out, force=force or is_report_page(out), file_name="index.html")
+    d = Path(figures_dir) if figures_dir is not None else None
+    if d is not None and (d.exists() or d.is_symlink()) and not d.is_dir():
+        raise OutputError(f"--figures {d} is a file: give a directory for the charts")
+    rep = build_report(root, status=status, history=history)
+    target = out
+    try:
+        write_bytes_atomic(out, rep.html.encode("utf-8"))
+        if d is not None:
+            target = d
+            d.mkdir(parents=True, exist_ok=True)
+            for name, chart in rep.figures.items():
+                write_bytes_atomic(d / f"{name}.svg", chart.encode("utf-8"))
+    except OSError as err:
+        raise (write_error(err, target) or err) from None
     return rep
