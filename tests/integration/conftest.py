@@ -63,8 +63,12 @@ def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
 def start(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
     fh = open(log, "w")  # noqa: SIM115 - closed with the process
     return subprocess.Popen(
-        cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-        cwd=cwd, start_new_session=True,
+        cmd,
+        stdout=fh,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        start_new_session=True,
     )
 
 
@@ -116,10 +120,23 @@ def mlflow_server(tmp_path_factory, moto_s3):
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     proc = start(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
-         "--artifacts-destination", "s3://mergeflow-mlflow/mlflow", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        d / "mlflow.log", env, cwd=d,
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{d / 'mlflow.db'}",
+            "--artifacts-destination",
+            "s3://mergeflow-mlflow/mlflow",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        d / "mlflow.log",
+        env,
+        cwd=d,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -142,7 +159,8 @@ def prefect_server(tmp_path_factory):
     }
     proc = start(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        d / "prefect.log", env,
+        d / "prefect.log",
+        env,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
@@ -155,11 +173,11 @@ def prefect_server(tmp_path_factory):
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=300):  # generous: a loaded 2-core box
         yield
 
 
-STEP = '''
+STEP = """
 import json, os, sys, time
 from pathlib import Path
 stage, item, out = sys.argv[1:4]
@@ -168,7 +186,8 @@ name = f"{stage}@{item}" if item != "-" else stage
 log = Path(ctl["log"]); log.mkdir(parents=True, exist_ok=True)
 t0 = time.time()
 with open(log / "attempts.jsonl", "a") as f:
-    f.write(json.dumps({"name": name, "start": t0, "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+    f.write(json.dumps({"name": name, "start": t0, "pid": os.getpid(),
+                        "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
 if ctl.get("tracked"):  # an MLflow run per step; a step named in "kill" is SIGKILLed inside it
     import signal
     from mergeflow.tracking import stage_run
@@ -179,12 +198,25 @@ if name in ctl.get("fail_once", []) and not (log / f"failed_{name}").exists():
     (log / f"failed_{name}").touch(); sys.exit("transient failure of " + name)
 if name in ctl.get("fail_always", []):
     sys.exit("permanent failure of " + name)
+for group in ctl.get("rendezvous", []):  # wait (bounded) until every stage of the group started
+    if name in group:
+        deadline, met = time.time() + ctl.get("rendezvous_timeout", 60), False
+        while not met and time.time() < deadline:
+            lines = (log / "attempts.jsonl").read_text().splitlines()
+            met = set(group) <= {json.loads(x)["name"] for x in lines}
+            time.sleep(0.05)
+        with open(log / "rendezvous.jsonl", "a") as f:
+            f.write(json.dumps({"name": name, "met": met}) + "\\n")
+release = ctl.get("hold", {}).get(name)  # stay running until the test creates this file
+deadline = time.time() + 600
+while release and not Path(release).exists() and time.time() < deadline:
+    time.sleep(0.05)
 time.sleep(ctl.get("sleep", {}).get(name, ctl.get("default_sleep", 0.5)))
 Path(out).parent.mkdir(parents=True, exist_ok=True)
 Path(out).write_text(f"{name} {ctl.get('content', '')}")
 with open(log / "runs.jsonl", "a") as f:
     f.write(json.dumps({"name": name, "start": t0, "end": time.time()}) + "\\n")
-'''
+"""
 
 
 def make_tiny_repo(dest: Path, control: dict) -> Path:
@@ -194,15 +226,26 @@ def make_tiny_repo(dest: Path, control: dict) -> Path:
     items = ["a", "b", "c"]
     dvc_yaml = {
         "stages": {
-            "prepare": {"foreach": items, "do": {
-                "cmd": "python step.py prepare ${item} out/prepare_${item}",
-                "deps": ["step.py"], "outs": ["out/prepare_${item}"]}},
-            "finetune": {"foreach": items, "do": {
-                "cmd": "python step.py finetune ${item} out/finetune_${item}",
-                "deps": ["step.py", "out/prepare_${item}"], "outs": ["out/finetune_${item}"]}},
+            "prepare": {
+                "foreach": items,
+                "do": {
+                    "cmd": "python step.py prepare ${item} out/prepare_${item}",
+                    "deps": ["step.py"],
+                    "outs": ["out/prepare_${item}"],
+                },
+            },
+            "finetune": {
+                "foreach": items,
+                "do": {
+                    "cmd": "python step.py finetune ${item} out/finetune_${item}",
+                    "deps": ["step.py", "out/prepare_${item}"],
+                    "outs": ["out/finetune_${item}"],
+                },
+            },
             "join": {
                 "cmd": "python step.py join - out/join",
-                "deps": [f"out/finetune_{i}" for i in items], "params": ["seed"],
+                "deps": [f"out/finetune_{i}" for i in items],
+                "params": ["seed"],
                 "outs": ["out/join"],
             },
         }

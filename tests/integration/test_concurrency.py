@@ -30,27 +30,43 @@ def _started(log: Path, name: str) -> bool:
 
 
 def test_second_dvc_repro_fails_fast_naming_the_busy_output(tmp_path, monkeypatch):
+    """Catches: a second ``dvc repro`` that waits for the first instead of failing. prepare@a
+    stays running until this test releases it, so the second can only return (failing, naming
+    the busy output) while the first still holds it — no timing window on a loaded machine."""
     ws = tmp_path / "ws"
-    ctl = make_tiny_repo(ws, {"default_sleep": 0.05, "sleep": {"prepare@a": 20}})
+    release = tmp_path / "release-prepare-a"
+    ctl = make_tiny_repo(ws, {"default_sleep": 0.05, "hold": {"prepare@a": str(release)}})
     monkeypatch.setenv("TINY_CONTROL", str(ctl))
     log = Path(json.loads(ctl.read_text())["log"])
-    first = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=ws, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"],
+        cwd=ws,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a generous bound on dvc's start-up
         while not _started(log, "prepare@a"):
             assert time.monotonic() < deadline and first.poll() is None
             time.sleep(0.1)
         for flags in ([], ["--wait-for-lock"]):  # the flow passes --wait-for-lock
-            t0 = time.monotonic()
-            second = dvc(ws, *flags, "repro", check=False)
+            # timeout: a guard against hanging (the holder waits up to 600 s), not the assertion
+            second = subprocess.run(
+                [str(BIN / "dvc"), *flags, "repro"],
+                cwd=ws,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
             msg = " ".join((second.stdout + second.stderr).split())
             assert second.returncode != 0, msg
             assert "failed to reproduce 'prepare@a'" in msg and "is busy" in msg, msg
             assert f"(PID {first.pid})" in msg, msg  # names the run holding it
-            assert time.monotonic() - t0 < 30 and first.poll() is None  # fast; first runs on
+            assert first.poll() is None  # returned while the first still ran: it did not wait
     finally:
-        first.wait(120)
+        release.touch()
+        first.wait(300)
     assert first.returncode == 0, first.stdout.read()
     assert "up to date" in dvc(ws, "repro").stdout
     names = [r["name"] for r in read_jsonl(log / "runs.jsonl")]
@@ -61,9 +77,11 @@ def test_second_dvc_repro_fails_fast_naming_the_busy_output(tmp_path, monkeypatc
 def test_second_flow_process_is_refused_naming_the_holder(tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
-    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
-            "from flows.pipeline import workspace_lock\n"
-            f"with workspace_lock({str(ws)!r}):\n    print('held', flush=True); time.sleep(60)")
+    code = (
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+        "from flows.pipeline import workspace_lock\n"
+        f"with workspace_lock({str(ws)!r}):\n    print('held', flush=True); time.sleep(60)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

@@ -32,7 +32,9 @@ def test_unreachable_endpoint_names_endpoint_and_bucket():
     t0 = time.monotonic()
     with pytest.raises(RemoteError) as err:
         check(S3Remote("mergeflow-dvc", "dvc", endpoint))
-    assert time.monotonic() - t0 < 20
+    # the promise is "bounded" (one HeadBucket, 5 s timeouts, no retries): a generous limit that
+    # only a hang or a retry loop exceeds, not a loaded machine
+    assert time.monotonic() - t0 < 60
     msg = str(err.value)
     assert "unreachable" in msg and endpoint in msg and "s3://mergeflow-dvc/dvc" in msg
     assert SECRET not in msg
@@ -47,8 +49,11 @@ def test_missing_bucket(moto_s3):
 def test_wrong_credentials_names_endpoint_and_bucket(tmp_path):
     """A moto server that authenticates every request (INITIAL_NO_AUTH_ACTION_COUNT=0)."""
     port = free_port()
-    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                 tmp_path / "moto.log", {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    proc = start(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        tmp_path / "moto.log",
+        {"INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(endpoint + "/moto-api/", 30, proc)
