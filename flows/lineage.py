@@ -39,7 +39,6 @@ def best_merge(root: Path) -> tuple[str, dict, dict]:
 
 def export_merged_model(root: Path, dest: Path) -> dict:
     """Write the best merge of the workspace ``root`` as a model directory; returns merge.json."""
-    import yaml
     from safetensors.torch import save_file
 
     from mergeflow import methods
@@ -50,8 +49,9 @@ def export_merged_model(root: Path, dest: Path) -> dict:
         load_expert,
         load_task_vectors,
     )
+    from mergeflow.yamlio import load_yaml_file
 
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = load_yaml_file(root / "params.yaml")
     tasks = list(params["tasks"])
     method, coef, summary = best_merge(root)
     base = load_base_encoder(root / "models" / "base")

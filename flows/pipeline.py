@@ -310,21 +310,30 @@ def apply_overrides(root: str | Path, overrides: dict[str, Any] | None) -> None:
     The whole file is checked, merge methods included, so a typo fails the flow at once rather
     than the coefficients stage after hours of fine-tuning.
     """
-    import yaml
-
     from mergeflow.config import ConfigError, deep_merge, parse_params
     from mergeflow.io import write_bytes_atomic
     from mergeflow.methods.params import check_config
+    from mergeflow.yamlio import (
+        YAMLInputError,
+        dump_yaml_roundtrip,
+        load_yaml,
+        load_yaml_roundtrip,
+        update_roundtrip,
+    )
 
     path = Path(root) / "params.yaml"
     source = f"{path} + flow overrides" if overrides else str(path)
     try:
-        merged = deep_merge(yaml.safe_load(path.read_text()), overrides or {})
-    except (OSError, yaml.YAMLError) as err:
+        doc, text = load_yaml_roundtrip(path)
+        plain = load_yaml(text, str(path))
+        merged = deep_merge(plain, overrides or {}) if isinstance(plain, dict) else plain
+    except YAMLInputError as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:
         raise ConfigError(f"{path}: {err}") from None
     check_config(parse_params(merged, source=source), source)
-    if overrides:
-        write_bytes_atomic(path, yaml.safe_dump(merged, sort_keys=False).encode())
+    if overrides and update_roundtrip(doc, overrides):  # comments and layout kept
+        write_bytes_atomic(path, dump_yaml_roundtrip(doc, text).encode())
 
 
 def git_commit_results(root: str | Path, message: str) -> str | None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -79,21 +78,50 @@ def use_profile(
         "params.yaml"
     ),
 ) -> None:
-    """Merge a profile's overrides into params.yaml (validated before anything is written)."""
+    """Merge a profile's overrides into params.yaml, keeping its comments and layout.
+
+    Validated before anything is written; only the keys the profile changes are rewritten, the
+    previous file is kept as ``<params>.bak``, and both files are replaced atomically.
+    """
     from mergeflow.config import ConfigError, deep_merge, parse_params
     from mergeflow.io import write_bytes_atomic
+    from mergeflow.methods.params import check_config
+    from mergeflow.yamlio import (
+        YAMLInputError,
+        dump_yaml_roundtrip,
+        load_yaml,
+        load_yaml_file,
+        load_yaml_roundtrip,
+        update_roundtrip,
+    )
 
     try:
-        merged = deep_merge(
-            yaml.safe_load(params.read_text()), yaml.safe_load(profile.read_text()) or {}
-        )
-        from mergeflow.methods.params import check_config
-
-        check_config(parse_params(merged, source=f"{params} + {profile}"), f"{params} + {profile}")
-    except (ConfigError, OSError, yaml.YAMLError) as err:
+        doc, text = load_yaml_roundtrip(params)
+        override = load_yaml_file(profile)
+        if override is None:
+            override = {}
+        for path, value in ((params, doc), (profile, override)):
+            if not isinstance(value, dict):
+                raise ConfigError(
+                    f"{path}: expected a mapping of params.yaml sections at the top level, "
+                    f"got {'a list' if isinstance(value, list) else type(value).__name__}"
+                )
+        source = f"{params} + {profile}"
+        merged = deep_merge(load_yaml(text, str(params)), override)
+        check_config(parse_params(merged, source=source), source)
+        changed = update_roundtrip(doc, override)
+    except (ConfigError, OSError, YAMLInputError) as err:
         _fail(err)
-    write_bytes_atomic(params, yaml.safe_dump(merged, sort_keys=False).encode())
-    console.print(f"{params}: applied {profile}")
+    if not changed:
+        console.print(f"{params}: already as {profile}; nothing to change")
+        return
+    backup = params.with_name(params.name + ".bak")
+    write_bytes_atomic(backup, text.encode())
+    write_bytes_atomic(params, dump_yaml_roundtrip(doc, text).encode())
+    console.print(
+        f"{params}: applied {profile} ({len(changed)} value(s) changed: {', '.join(changed)}); "
+        f"the previous version is in {backup}"
+    )
 
 
 @app.command()

@@ -11,21 +11,29 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
 )
 
+from mergeflow.yamlio import YAMLInputError, load_yaml_file
+
 PACKAGED_MINILM = "packaged:all-minilm-l6-v2"
 TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEVICE_RE = re.compile(r"^(cpu|mps|cuda(:[0-9]{1,3})?)$")
 
-PositiveInt = Annotated[int, Field(gt=0)]
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# Numbers are strict: ``steps: true`` or ``lr: "1e-4"`` is refused rather than read as 1 or 0.0001
+# (a float field takes an int); every float is finite (``_Section`` forbids .inf and .nan).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+PositiveInt = Annotated[int, Strict(), Field(gt=0)]
+Probability = Annotated[float, Strict(), Field(ge=0.0, le=1.0)]
+Seed = Annotated[int, Strict(), Field(ge=0, le=2**32 - 1)]  # numpy's seeds are 32-bit unsigned
 
 
 class ConfigError(ValueError):
@@ -33,14 +41,14 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class BaseModelCfg(_Section):
     """The pre-trained checkpoint every expert starts from."""
 
     name_or_path: str = PACKAGED_MINILM
-    max_length: Annotated[int, Field(ge=8, le=4096)] = 64
+    max_length: Annotated[Int, Field(ge=8, le=4096)] = 64
 
 
 class DataCfg(_Section):
@@ -55,7 +63,7 @@ class LoraCfg(_Section):
     """LoRA adapter settings (used when ``finetune.mode`` is ``lora``)."""
 
     r: PositiveInt = 8
-    alpha: Annotated[float, Field(gt=0)] = 16.0
+    alpha: Annotated[Float, Field(gt=0)] = 16.0
     dropout: Probability = 0.0
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
 
@@ -66,17 +74,17 @@ class FinetuneCfg(_Section):
     mode: Literal["full", "lora"] = "full"
     steps: PositiveInt = 60
     batch_size: PositiveInt = 16
-    lr: Annotated[float, Field(gt=0, lt=1)] = 1e-4
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr: Annotated[Float, Field(gt=0, lt=1)] = 1e-4
+    weight_decay: Annotated[Float, Field(ge=0)] = 0.0
     warmup_ratio: Probability = 0.1
     head_init: Literal["linear_probe", "random"] = "linear_probe"
     probe_epochs: PositiveInt = 100
     # resume point every N optimizer steps (0 = never); kept beside the output, not tracked by DVC
-    checkpoint_every: Annotated[int, Field(ge=0)] = 0
+    checkpoint_every: Annotated[Int, Field(ge=0)] = 0
     # validation accuracy every N steps; the best-scoring weights are kept (0 = off: final weights)
-    eval_every: Annotated[int, Field(ge=0)] = 0
+    eval_every: Annotated[Int, Field(ge=0)] = 0
     # early stopping: stop after this many validation scores without improvement (0 = never)
-    patience: Annotated[int, Field(ge=0)] = 0
+    patience: Annotated[Int, Field(ge=0)] = 0
     lora: LoraCfg = LoraCfg()
 
     @model_validator(mode="after")
@@ -89,7 +97,7 @@ class FinetuneCfg(_Section):
 class MasksCfg(_Section):
     """TALL masks (λ_t picked per task on validation) and the consensus mask."""
 
-    lambdas: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+    lambdas: tuple[Annotated[Float, Field(ge=0)], ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
     consensus_k: PositiveInt = 2
     # How λ_t is chosen on validation: ``agreement`` (share of inputs where θ_0 + m_t ⊙ τ_MTL
     # predicts what the expert predicts; ties by accuracy) or ``accuracy`` (the TALL paper's rule).
@@ -114,31 +122,31 @@ class LearnedCfg(_Section):
 
     method: Literal["adamerging", "atlas", "concrete", "dam"]
     blocks: str = "layer"
-    partitions: Annotated[int, Field(ge=1, le=255)] = 1
+    partitions: Annotated[Int, Field(ge=1, le=255)] = 1
     data: Literal["test_unlabeled", "val", "kshot"] | None = None
     k: PositiveInt | None = None
     objective: Literal["entropy", "ce", "pseudo_label"] | None = None
     select: Literal["final", "val", "train_data"] | None = None
     steps: PositiveInt = 100
-    eval_every: Annotated[int, Field(ge=0)] = 10
+    eval_every: Annotated[Int, Field(ge=0)] = 10
     batch_size: PositiveInt = 16
-    lr: Annotated[float, Field(gt=0, lt=10)] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0)] | None = None
-    grad_clip: Annotated[float, Field(gt=0)] | None = None
-    init: float | None = None
+    lr: Annotated[Float, Field(gt=0, lt=10)] = 1e-3
+    weight_decay: Annotated[Float, Field(ge=0)] | None = None
+    grad_clip: Annotated[Float, Field(gt=0)] | None = None
+    init: Float | None = None
     pseudo_threshold: Probability = 0.0
     over: Literal["task_arithmetic", "adamerging"] = "task_arithmetic"  # what Concrete/DAM mask
-    temperature: Annotated[float, Field(gt=0)] = 0.5
-    mask_init: float = 3.0
-    mask_lr: Annotated[float, Field(gt=0)] = 0.1
+    temperature: Annotated[Float, Field(gt=0)] = 0.5
+    mask_init: Float = 3.0
+    mask_lr: Annotated[Float, Field(gt=0)] = 0.1
     # DAM (mergeflow.safety.dam): β of L_safe, step of the simulated trigger, its length in tokens
-    adv_weight: Annotated[float, Field(ge=0)] = 0.1
-    adv_lr: Annotated[float, Field(gt=0)] = 0.1
-    trigger_tokens: Annotated[int, Field(ge=1, le=16)] = 1
+    adv_weight: Annotated[Float, Field(ge=0)] = 0.1
+    adv_lr: Annotated[Float, Field(gt=0)] = 0.1
+    trigger_tokens: Annotated[Int, Field(ge=1, le=16)] = 1
     # DAM's trigger simulation: "token" (discrete word search + quarantine of rare trigger
     # words, mergeflow.safety.dam.find_triggers) or "soft" (the paper's continuous perturbation)
     trigger: Literal["soft", "token"] = "token"
-    candidates: Annotated[int, Field(ge=1, le=1024)] = 16
+    candidates: Annotated[Int, Field(ge=1, le=1024)] = 16
     flip_threshold: Probability = 0.9
     max_frequency: Probability = 0.01
 
@@ -200,10 +208,10 @@ class LearnedCfg(_Section):
 class CoefficientsCfg(_Section):
     """Validation grid search of the scaling coefficient for each merge method, and learned runs."""
 
-    grid: tuple[Annotated[float, Field(ge=0)], ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
+    grid: tuple[Annotated[Float, Field(ge=0)], ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
     learned: dict[str, LearnedCfg] = Field(default_factory=dict)
     run_learned: bool = False  # true: run the configured learned runs (off: configured, skipped)
-    concrete_scaling: Annotated[float, Field(ge=0)] = 0.3
+    concrete_scaling: Annotated[Float, Field(ge=0)] = 0.3
 
     @field_validator("grid")
     @classmethod
@@ -218,7 +226,7 @@ class CompressCfg(_Section):
 
     mtl_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     include_base: bool = False  # False: the archive references θ_0 by sha256 (it ships anyway)
-    twin_rank: Annotated[int, Field(ge=1)] = 16
+    twin_rank: Annotated[Int, Field(ge=1)] = 16
     twin_shared: str = "task_arithmetic"  # merge method of Twin-Merging's shared expert
     twin_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     twin_routing: Literal["top1", "soft"] = "top1"
@@ -253,10 +261,10 @@ class PoisonCfg(_Section):
 
     task: str
     trigger: Annotated[str, Field(min_length=1, max_length=64)] = "cf"
-    rate: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
-    target: Annotated[int, Field(ge=0)] = 0
-    seed: int = 0
-    max_position: Annotated[int, Field(ge=0, le=512)] = 8
+    rate: Annotated[Float, Field(gt=0.0, le=1.0)] = 0.1
+    target: Annotated[Int, Field(ge=0)] = 0
+    seed: Seed = 0
+    max_position: Annotated[Int, Field(ge=0, le=512)] = 8
 
     @field_validator("trigger")
     @classmethod
@@ -291,8 +299,8 @@ class SafetyCfg(_Section):
 class Params(_Section):
     """The whole ``params.yaml``."""
 
-    seed: int = 0
-    device: str = "cpu"
+    seed: Seed = 0
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps (a torch device string)
     tasks: tuple[str, ...]
     base_model: BaseModelCfg = BaseModelCfg()
     data: DataCfg = DataCfg()
@@ -302,6 +310,13 @@ class Params(_Section):
     compress: CompressCfg = CompressCfg()
     evaluate: EvaluateCfg = EvaluateCfg()
     safety: SafetyCfg = SafetyCfg()
+
+    @field_validator("device")
+    @classmethod
+    def _torch_device(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise ValueError(f"unknown device {v!r}; use cpu, cuda, cuda:N or mps")
+        return v
 
     @field_validator("tasks")
     @classmethod
@@ -404,9 +419,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not p.is_file():
         raise ConfigError(f"params file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        data = load_yaml_file(p)
+    except YAMLInputError as err:
+        raise ConfigError(str(err)) from None
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read: {err.strerror or err}") from None
     return parse_params(data, source=str(p))
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from mergeflow.io import write_json_atomic
+from mergeflow.yamlio import load_yaml_file
 
 FILES = ("eval.json", "summary.md", "experts.json", "timings.json", "params.yaml", "lineage.json")
 
@@ -37,7 +38,7 @@ class ResultsError(ValueError):
 
 def experts_summary(root: Path) -> dict[str, dict[str, Any]]:
     """Per task: validation accuracy, kept step and steps run of the expert (early stopping)."""
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    params = load_yaml_file(root / "params.yaml")
     out = {}
     for task in params["tasks"]:
         meta = json.loads((root / "models/experts" / task / "expert.json").read_text())

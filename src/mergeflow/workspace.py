@@ -12,9 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mergeflow.config import deep_merge, parse_params
+from mergeflow.yamlio import (
+    dump_yaml_roundtrip,
+    load_yaml,
+    load_yaml_file,
+    load_yaml_roundtrip,
+    update_roundtrip,
+)
 
 PIPELINE_FILES = (
     "dvc.yaml",
@@ -53,14 +58,16 @@ def make_workspace(
         if f.startswith(PIPELINE_FILES) and (src_root / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src_root / f, dest / f)
-    params = yaml.safe_load((src_root / "params.yaml").read_text())
+    doc, text = load_yaml_roundtrip(src_root / "params.yaml")  # comments kept
     if profile is not None:
-        params = deep_merge(params, yaml.safe_load(Path(profile).read_text()) or {})
+        override = load_yaml_file(profile) or {}
         from mergeflow.methods.params import check_config
 
-        check_config(parse_params(params, source=str(profile)), str(profile))
-    params = deep_merge(params, overrides or {})
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        merged = deep_merge(load_yaml(text, str(src_root / "params.yaml")), override)
+        check_config(parse_params(merged, source=str(profile)), str(profile))
+        update_roundtrip(doc, override)
+    update_roundtrip(doc, overrides or {})
+    (dest / "params.yaml").write_text(dump_yaml_roundtrip(doc, text))
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(

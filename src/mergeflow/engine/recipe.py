@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mergeflow.tensors import MergeError
+from mergeflow.yamlio import YAMLInputError, load_yaml_file
 
 
 class Recipe(BaseModel):
@@ -41,13 +41,16 @@ def load_recipe(path: str | Path) -> Recipe:
     """Parse and validate a recipe file.
 
     Raises:
-        MergeError: Unreadable YAML or unknown / missing fields (naming them).
+        MergeError: Unreadable or unsafe YAML (an alias bomb, a duplicate key, a Python tag: see
+            :mod:`mergeflow.yamlio`) or unknown / missing fields (naming them).
 
     """
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise MergeError(f"recipe {path}: {exc}") from None
+        raw = load_yaml_file(path)
+    except YAMLInputError as exc:
+        raise MergeError(f"recipe {exc}") from None
+    except OSError as exc:
+        raise MergeError(f"recipe {path}: {exc.strerror or exc}") from None
     if not isinstance(raw, dict):
         raise MergeError(f"recipe {path}: expected a mapping at the top level")
     try:
