@@ -144,8 +144,8 @@ def _missing_shard(tmp: Path) -> list[str]:
 
 
 def _out_is_parent_of_base(tmp: Path) -> list[str]:
-    args = merge_args(tmp)
-    args[-1] = str(tmp)  # replacing tmp would delete the base and the experts
+    args = merge_args(tmp, base=_ckpt(tmp / "models" / "base"))
+    args[-1] = str(tmp / "models")  # replacing it would delete the base
     return args
 
 

@@ -159,7 +159,7 @@ ROWS = [
     Row(
         "out-existing-file",
         _existing_file,
-        "is an existing file: pass --force to replace it with the merged directory",
+        "is an existing file: pass --force to replace it with the new directory",
     ),
     Row("out-previous-merge", _previous_merge, "already exists and is not empty"),
     Row(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -20,14 +19,14 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from mergeflow import methods  # noqa: F401  (registers the methods)
-from mergeflow.io import atomic_dir
+from mergeflow.io import atomic_dir, check_out
 from mergeflow.methods.chunks import TensorInputs
 from mergeflow.methods.merging import assemble_tensor, prepare, resolve, scaling_of, tensor_delta
 from mergeflow.remote import object_store_errors
 from mergeflow.tensors import MergeError, all_finite, is_mergeable
 
 from .checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, check_same_architecture
-from .writer import ShardedWriter, out_exists_message, remote_files, remote_output_dir
+from .writer import ShardedWriter, remote_exists_message, remote_files, remote_output_dir
 
 _F32 = torch.float32
 META_NAME = "mergeflow_merge.json"
@@ -178,17 +177,16 @@ def merge_checkpoints(
         raise MergeError("no experts given: merging needs at least one fine-tuned expert")
     for task in experts:
         _check_task_name(task)
-    _check_out_apart(out, base, experts)
-    _check_out_outside_inputs(out, base, experts)
+    inputs = [("the base", base), *((f"expert '{t}'", p) for t, p in experts.items())]
+    check_out(out, inputs, force=force)  # local outputs
     opts = dict(storage_options or {})
     remote = _remote_out(out, opts)
-    if remote is None:
-        _check_out_free(Path(out), force)
-    else:
+    if remote is not None:
+        _check_remote_out_apart(str(out), inputs)
         with object_store_errors(str(out), opts):
             existing = remote_files(*remote)
         if existing and not force:
-            raise MergeError(out_exists_message(out, existing))
+            raise MergeError(remote_exists_message(str(out), existing))
     base_ck = Checkpoint(base, storage_options)
     ex_ck = {t: Checkpoint(p, storage_options) for t, p in experts.items()}
     check_same_architecture(base_ck, ex_ck)
@@ -275,8 +273,6 @@ def merge_checkpoints(
                 "n_merged": len(report.merged),
             }
             (tmp / META_NAME).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-            if remote is None:  # once more, just before the swap: another writer may have come
-                _check_out_free(Path(out), force)
     finally:
         bar.stop()
         if pool is not None:
@@ -301,70 +297,22 @@ def _check_task_name(task: str) -> None:
         )
 
 
-def _check_out_apart(out: str | Path, base: str, experts: Mapping[str, str]) -> None:
-    """Refuse an ``out`` that is an input or contains one (it is replaced as a whole)."""
-    if "://" in str(out):
-        return
-    o = Path(out).resolve()
-    for label, p in (("the base", base), *((f"expert '{t}'", q) for t, q in experts.items())):
-        if "://" in str(p):
+def _check_remote_out_apart(out: str, inputs: list[tuple[str, str]]) -> None:
+    """Refuse an object-store ``out`` that is an input URL, holds one or lies inside one."""
+    o = out.rstrip("/")
+    for label, p in inputs:
+        q = str(p).rstrip("/")
+        if "://" not in q:
             continue
-        q = Path(p).resolve()
-        if o == q or o in q.parents:
+        if o == q or q.startswith(o + "/"):
             raise MergeError(
-                f"--out {out} would replace {label} ({p}): choose an output directory outside "
+                f"--out {out} would replace {label} ({p}): choose an output location outside "
                 "the inputs"
             )
-
-
-def _check_out_outside_inputs(out: str | Path, base: str, experts: Mapping[str, str]) -> None:
-    """Refuse an ``out`` inside an input directory, or an object-store ``out`` over an input.
-
-    An output inside the base would be part of the base's directory from then on; an output URL
-    equal to or above an input URL would overwrite it.
-    """
-    o = str(out).rstrip("/")
-    for label, p in (("the base", base), *((f"expert '{t}'", q) for t, q in experts.items())):
-        q = str(p).rstrip("/")
-        if "://" in o and "://" in q:
-            if o == q or q.startswith(o + "/"):
-                raise MergeError(
-                    f"--out {out} would replace {label} ({p}): choose an output location "
-                    "outside the inputs"
-                )
-            inside = o.startswith(q + "/")
-        elif "://" in o or "://" in q:
-            continue
-        else:
-            qp = Path(q).resolve()
-            inside = qp.is_dir() and qp in Path(o).resolve().parents
-        if inside:
+        if o.startswith(q + "/"):
             raise MergeError(
-                f"--out {out} is inside {label} ({p}): choose an output directory outside the "
-                "inputs"
+                f"--out {out} is inside {label} ({p}): choose an output location outside the inputs"
             )
-
-
-def _check_out_free(out: Path, force: bool) -> None:
-    """Refuse to replace an existing non-empty directory or a file unless ``force``."""
-    here = Path.cwd()
-    if out.resolve() in (here, *here.parents):
-        raise MergeError(
-            f"--out {out} is the current directory or one of its parents: choose a new output "
-            "directory"
-        )
-    if force or not (out.exists() or out.is_symlink()):
-        return
-    if out.is_dir() and not out.is_symlink():
-        found = sorted(os.listdir(out))
-        if found:
-            raise MergeError(out_exists_message(out, found))
-        return
-    kind = "symbolic link" if out.is_symlink() else "file"
-    raise MergeError(
-        f"--out {out} is an existing {kind}: pass --force to replace it with the merged "
-        "directory, or choose a new output directory"
-    )
 
 
 def _remote_out(out: str | Path, storage_options: Mapping) -> tuple[Any, str] | None:
@@ -388,7 +336,7 @@ def _output_dir(
 ) -> Iterator[Path]:
     """A temp directory to fill; on success it becomes ``out`` (local swap or remote publish)."""
     if remote is None:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, replace=force) as tmp:  # re-checked at the swap: one winner
             yield tmp
         return
     fs, root = remote

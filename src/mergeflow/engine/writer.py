@@ -16,6 +16,7 @@ import fsspec
 import torch
 
 from mergeflow.io import write_json_atomic
+from mergeflow.io.outputs import exists_message
 from mergeflow.tensors import MergeError
 
 _DTYPE_NAMES = {
@@ -207,7 +208,7 @@ def remote_output_dir(
                 fs.put_file(os.path.join(local, n), f"{stage}/{n}")
             existing = remote_files(fs, root)
             if existing and not force:
-                raise MergeError(out_exists_message(url, existing))
+                raise MergeError(remote_exists_message(url, existing))
             if "" in existing:  # an object stored at the output's own key
                 fs.rm_file(root)
             for n in last:  # unpublish the old output before its shards change
@@ -224,11 +225,7 @@ def remote_output_dir(
             fs.invalidate_cache()
 
 
-def out_exists_message(out: str | Path, found: Sequence[str]) -> str:
-    """The refusal for an existing, non-empty ``--out`` (naming a few of its files)."""
-    shown = ", ".join(n for n in found[:3] if n) or posixpath.basename(str(out).rstrip("/"))
-    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-    return (
-        f"--out {out} already exists and is not empty ({shown}{more}): pass --force to replace "
-        "it, or choose a new output directory"
-    )
+def remote_exists_message(url: str, existing: Sequence[str]) -> str:
+    """The refusal for an existing, non-empty object-store ``--out`` (see :func:`remote_files`)."""
+    shown = [n or f"an object at {posixpath.basename(url.rstrip('/'))}" for n in existing]
+    return exists_message("--out", url, shown)
