@@ -102,16 +102,19 @@ def use_profile(
             override = {}
         for path, value in ((params, doc), (profile, override)):
             if not isinstance(value, dict):
+                got = {list: "a list", type(None): "an empty file"}.get(type(value))
                 raise ConfigError(
                     f"{path}: expected a mapping of params.yaml sections at the top level, "
-                    f"got {'a list' if isinstance(value, list) else type(value).__name__}"
+                    f"got {got or type(value).__name__}"
                 )
         source = f"{params} + {profile}"
         merged = deep_merge(load_yaml(text, str(params)), override)
         check_config(parse_params(merged, source=source), source)
         changed = update_roundtrip(doc, override)
-    except (ConfigError, OSError, YAMLInputError) as err:
+    except (ConfigError, YAMLInputError) as err:
         _fail(err)
+    except OSError as err:
+        _fail(ConfigError(f"{err.filename or profile}: cannot read ({err.strerror or err})"))
     if not changed:
         console.print(f"{params}: already as {profile}; nothing to change")
         return
