@@ -120,12 +120,6 @@ def _yaml_error() -> type[BaseException]:
     return YAMLInputError
 
 
-SET_NOT_WIRED = pytest.mark.xfail(
-    strict=True,
-    reason="src/mergeflow/engine/cli.py::_parse_sets still calls yaml.safe_load; it must call "
-    "mergeflow.yamlio.load_yaml (owned by the merge-engine change of issue 22)",
-)
-
 ROWS = [
     # alias bombs ("billion laughs"): refused on the node graph before anything is built
     Row(
@@ -296,14 +290,12 @@ ROWS = [
         "cli",
         lambda t: _set(t, "density=[1,"),
         "--set density:1:4: not valid YAML",
-        marks=[SET_NOT_WIRED],
     ),
     Row(
         "set-python-tag-cli",
         "cli",
         lambda t: _set(t, "density=!!python/object/apply:os.system ['echo pwned']"),
         "--set density:1: tag !!python/object/apply:os.system is not allowed",
-        marks=[SET_NOT_WIRED],
     ),
 ]
 

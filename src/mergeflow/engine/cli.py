@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.console import Console
 
 console = Console(stderr=True)
@@ -15,13 +14,17 @@ console = Console(stderr=True)
 
 def _parse_sets(items: list[str]) -> dict:
     from mergeflow.tensors import MergeError
+    from mergeflow.yamlio import YAMLInputError, load_yaml
 
     out: dict = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise MergeError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value, f"--set {key.strip()}")
+        except YAMLInputError as err:
+            raise MergeError(str(err)) from None
     return out
 
 
