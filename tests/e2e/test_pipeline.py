@@ -6,7 +6,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,15 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
     assert 0 < comp["twin"]["bytes"] < comp["bytes_experts"]
     assert 0.0 <= comp["twin"]["router_val_accuracy"] <= 1.0
     ev = json.loads((ws / "metrics/eval.json").read_text())
-    for row in ("expert", "base", "task_arithmetic", "ties", "consensus", "tall_masks", "twin_merging"):
+    for row in (
+        "expert",
+        "base",
+        "task_arithmetic",
+        "ties",
+        "consensus",
+        "tall_masks",
+        "twin_merging",
+    ):
         assert set(ev[row]["accuracy"]) == set(tasks)
         assert all(0.0 <= a <= 1.0 for a in ev[row]["accuracy"].values())
     assert ev["expert"]["mean_normalized"] == pytest.approx(1.0)
@@ -53,6 +60,39 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
     assert (ws / "reports/summary.md").read_text().count("\n|") >= 7
     # safety off (default): the audit stage is a no-op that records it
     assert json.loads((ws / "metrics/audit.json").read_text()) == {"enabled": False}
+
+
+MERGES = ("task_arithmetic", "ties", "consensus", "tall_masks", "twin_merging")
+
+
+def _above(ev: dict, a: str, b: str, task: str) -> bool:
+    """Row ``a`` beats row ``b`` on ``task`` beyond the noise: 95 % Wilson intervals disjoint."""
+    return ev[a]["accuracy_ci"][task][0] > ev[b]["accuracy_ci"][task][1]
+
+
+def test_merges_are_judged_against_the_base_with_their_noise(ci_workspace: Path):
+    """Accuracy assertions that a wrong merge fails, using the intervals in metrics/eval.json.
+
+    Catches: an expert or a merge that damages the model (a wrong head, sign, λ or tensor): on no
+    task may an expert or a merge lie below the base beyond the noise (Wilson intervals disjoint),
+    and no merge's mean normalized accuracy may be below the base's (paired bootstrap over the
+    same texts). Where an expert beats the base beyond the noise, a merge that keeps none of it:
+    at least one merge must score above the base on that task.
+
+    The ci profile (6 fine-tuning steps from the linear-probe head, 48 test texts per task) gives
+    experts within noise of the base on every task, so the last check applies to no task there;
+    it does on a profile whose experts learn (docs/reliability.md, issue 24).
+    """
+    ev = json.loads((ci_workspace / "metrics/eval.json").read_text())
+    tasks = yaml.safe_load((ci_workspace / "params.yaml").read_text())["tasks"]
+    for t in tasks:
+        for row in ("expert", *MERGES):
+            assert not _above(ev, "base", row, t), (row, t, ev[row]["accuracy_ci"][t])
+    for m in MERGES:
+        assert ev[m]["paired"]["base"]["ci"][1] >= 0.0, (m, ev[m]["paired"]["base"])
+    for t in tasks:
+        if _above(ev, "expert", "base", t):
+            assert any(ev[m]["accuracy"][t] > ev["base"]["accuracy"][t] for m in MERGES), t
 
 
 def test_tall_archive_reconstructs_masked_experts_exactly(ci_workspace: Path):
@@ -75,12 +115,26 @@ def test_tall_archive_reconstructs_masked_experts_exactly(ci_workspace: Path):
     assert "classifier.weight" in head
 
 
-def test_second_repro_does_nothing_fast(ci_workspace: Path):
-    t0 = time.monotonic()
+def _out_mtimes(ws: Path) -> dict[str, int]:
+    """mtime (ns) of every file under every ``outs`` path of ``dvc.lock``."""
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())["stages"]
+    files = {}
+    for stage in lock.values():
+        for out in stage.get("outs", []):
+            p = ws / out["path"]
+            for f in [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()):
+                files[str(f.relative_to(ws))] = f.stat().st_mtime_ns
+    return files
+
+
+def test_second_repro_does_nothing(ci_workspace: Path):
+    """Catches: a stage that reruns (or rewrites its outputs) although nothing changed — judged
+    by which stages ran and by the outputs' mtimes, not by a wall-clock bound."""
+    before = _out_mtimes(ci_workspace)
     proc = dvc(ci_workspace, "repro")
-    assert time.monotonic() - t0 < 15
     assert "Running stage" not in proc.stdout
     assert "up to date" in proc.stdout
+    assert before and _out_mtimes(ci_workspace) == before
 
 
 def test_mlflow_records_lineage_per_stage(ci_workspace: Path):
