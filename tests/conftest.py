@@ -35,6 +35,17 @@ def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
     return _make_workspace(ROOT, dest, ROOT / "configs" / "ci.yaml", overrides)
 
 
+def copy_workspace(src: Path, dest: Path) -> Path:
+    """A private copy of a workspace (for a test that changes it): files, git, DVC cache, and
+    its own DVC site cache dir (the copied config would point at the original's)."""
+    import shutil
+
+    shutil.copytree(src, dest, symlinks=True)
+    shutil.rmtree(dest / ".dvc-site", ignore_errors=True)
+    dvc(dest, "config", "--local", "core.site_cache_dir", str(dest / ".dvc-site"))
+    return dest
+
+
 def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``dvc`` in a workspace."""
     proc = subprocess.run([str(BIN / "dvc"), *args], cwd=ws, capture_output=True, text=True)

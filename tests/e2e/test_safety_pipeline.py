@@ -8,14 +8,13 @@ reruns ``dvc repro`` and checks what changed and what the audit reports.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mergeflow.data import read_split
-from tests.conftest import dvc
+from tests.conftest import copy_workspace, dvc
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -24,8 +23,7 @@ POISONED = "rotten_tomatoes"
 
 @pytest.fixture(scope="module")
 def safety_ws(ci_workspace: Path, tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("safety") / "ws"
-    shutil.copytree(ci_workspace, ws, symlinks=True)
+    ws = copy_workspace(ci_workspace, tmp_path_factory.mktemp("safety") / "ws")
     p = yaml.safe_load((ws / "params.yaml").read_text())
     p["safety"] = {
         "enabled": True,
@@ -69,6 +67,26 @@ def test_only_the_poisoned_expert_is_retrained(safety_ws: Path, ci_workspace: Pa
         assert read_split(safety_ws / "data/tasks" / POISONED, split) == read_split(
             ci_workspace / "data/tasks" / POISONED, split
         )
+
+
+def test_the_poisoned_expert_carries_the_backdoor(safety_ws: Path):
+    """Catches: a poisoning that never reaches the expert (trigger not inserted, labels not
+    flipped, the clean split trained on) or an ASR that does not measure the trigger: without
+    the poison, triggered texts of the other class go to the target only as often as the model
+    errs on them (~1 − its recall of that class), far from ≥ 0.9; and the poisoned expert's ASR
+    is at least the base's.
+
+    What this cannot show on the ci profile: the expert's ASR *well above* the base's. The base's
+    linear probe is fitted on the poisoned split (30 % relabelled to the target) and 6 fine-tuning
+    steps at lr 1e-4 barely move the encoder, so the base already sends ~96 % of the triggered
+    texts to the target (26/27 vs the expert's 27/27 in the run this was written against). A
+    clear margin needs a profile whose expert learns the trigger (docs/reliability.md, issue 24).
+    """
+    rows = json.loads((safety_ws / "metrics/audit.json").read_text())["models"]
+    expert = rows["expert"]["asr_per_task"][POISONED]
+    base = rows["base"]["asr_per_task"][POISONED]
+    assert expert >= 0.9, expert  # the backdoor works on the model trained with it
+    assert expert >= base, (expert, base)
 
 
 def test_audit_reports_asr_and_clean_accuracy_for_experts_and_merges(safety_ws: Path):
