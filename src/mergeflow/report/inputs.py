@@ -359,10 +359,12 @@ class Lineage:
 def _expected_stages(root: Path) -> list[str]:
     import yaml
 
+    from mergeflow.yamlio import YAMLInputError, load_yaml_file
+
     try:
         spec = yaml.safe_load((root / "dvc.yaml").read_text()) or {}
-        params = yaml.safe_load((root / "params.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        params = load_yaml_file(root / "params.yaml") or {}  # the user's file: bounded loader
+    except (OSError, yaml.YAMLError, YAMLInputError):
         return []
     names = []
     for name, st in (spec.get("stages") or {}).items():
