@@ -37,7 +37,7 @@ search: :func:`find_triggers` looks for single words that flip a task's predicti
 candidates and the most-changed rows of each expert's τ on the word embeddings), the safety loss
 uses the word found, and trigger words rare in the clean texts are quarantined (their embedding
 rows read as the unknown token) — the step that removes a backdoor kept by a poisoned expert's
-own classification head, which masks on τ cannot reach (docs/benchmarks.md, "Merge safety").
+own classification head, which masks on τ cannot reach (docs/merge-safety.md, "Why masks on τ cannot remove this backdoor").
 
 The final masks are binary, 1[ℓ_s > 0]·1[ℓ_b > 0] (the repo's Concrete convention; the official
 code evaluates a continuous mask rescaled by its mean), stored as one shared mask so
