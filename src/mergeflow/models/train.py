@@ -104,6 +104,7 @@ def finetune(
     head_init: str = "linear_probe",
     probe_epochs: int = 100,
     progress: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
     resume_dir: str | Path | None = None,
     checkpoint_every: int = 0,
     fingerprint: str = "",
@@ -132,6 +133,7 @@ def finetune(
         head_init: ``linear_probe`` (LP-FT) or ``random``.
         probe_epochs: Full-batch steps of the linear probe.
         progress: Called with ``(step, loss)`` after each step.
+        on_eval: Called with ``(steps done, validation accuracy)`` after each validation score.
         resume_dir: Where resume points live (see :mod:`mergeflow.models.resume`). If it holds
             one with the same ``fingerprint``, training continues from it (the linear probe is
             skipped: the head is in the point) and ends with the same weights as an
@@ -211,6 +213,8 @@ def finetune(
             acc = accuracy(model, val_batches, device)
             model.train()
             result.val_history.append((done, acc))
+            if on_eval:
+                on_eval(done, acc)
             if result.best_step is None or acc > dict(result.val_history)[result.best_step]:
                 result.best_step = done
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
