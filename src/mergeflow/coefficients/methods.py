@@ -6,7 +6,7 @@ functional model (θ_0, τ, block scheme) and the data come from the caller.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -26,6 +26,7 @@ def adamerging(
     init: float = 0.3,
     batch_size: int = 16,
     seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> LearnResult:
     """AdaMerging: test-time entropy minimisation of merging coefficients.
 
@@ -47,7 +48,7 @@ def adamerging(
         batch_size=batch_size,
         seed=seed,
     )
-    return learn(fm, models, prefix, unlabeled, spec)
+    return learn(fm, models, prefix, unlabeled, spec, on_step=on_step)
 
 
 def atlas(
@@ -68,6 +69,8 @@ def atlas(
     batch_size: int = 16,
     pseudo_threshold: float = 0.0,
     seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> LearnResult:
     """Learned anisotropic scaling of task vectors (aTLAS).
 
@@ -93,7 +96,10 @@ def atlas(
         pseudo_threshold=pseudo_threshold,
         seed=seed,
     )
-    return learn(fm, models, prefix, train, spec, select=select, reference=reference)
+    return learn(
+        fm, models, prefix, train, spec, select=select, reference=reference,
+        on_step=on_step, on_eval=on_eval,
+    )
 
 
 def concrete(
@@ -111,6 +117,7 @@ def concrete(
     lr: float = 1e-3,
     batch_size: int = 16,
     seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> LearnResult:
     """Concrete subspace masks over task arithmetic or AdaMerging.
 
@@ -147,4 +154,4 @@ def concrete(
         mask_init=mask_init,
         mask_lr=mask_lr,
     )
-    return learn(fm, models, prefix, unlabeled, spec)
+    return learn(fm, models, prefix, unlabeled, spec, on_step=on_step)
