@@ -176,6 +176,7 @@ def learn(
     reference: Mapping[str, float] | None = None,
     alpha0: torch.Tensor | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> LearnResult:
     """Learn α (and optionally a Concrete mask) by minimising ``spec.objective``.
 
@@ -191,6 +192,8 @@ def learn(
         reference: Task → expert accuracy on ``select`` (the normalizer); 1.0 if missing.
         alpha0: Initial α (default: filled with ``spec.init``).
         on_step: Called with (step, loss) after every step.
+        on_eval: Called with (step, mean normalized accuracy on ``select``) after every
+            selection score (so a tracker can chart it while the run goes on).
 
     Returns:
         The selected α, the binarized mask (Concrete) and the loss / selection history.
@@ -232,6 +235,8 @@ def learn(
         norm = {t: a / ((reference or {}).get(t) or 1.0) for t, a in acc.items()}
         score = sum(norm.values()) / len(norm)
         history.append({"step": step, "mean_normalized": score, "accuracy": acc})
+        if on_eval is not None:
+            on_eval(step, score)
         if best is None or score > best[0]:
             best = (score, step, _snapshot(alpha, mask_logits))
 
