@@ -29,7 +29,7 @@ def expert_task_vector(base: dict[str, torch.Tensor], expert_dir: Path) -> dict[
     prefix = expert_prefix(expert_dir)
     if (expert_dir / "adapter").is_dir():
         sd, cfg = read_adapter(expert_dir / "adapter")
-        delta = lora_delta(sd, cfg, prefix)
+        delta = lora_delta(sd, cfg, prefix, base)  # DoRA: τ depends on the base weights
         unknown = sorted(set(delta) - set(base))
         if unknown:
             raise tensors.MergeError(
