@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from mergeflow.config import LoraCfg
 from mergeflow.engine.lora import dense_deltas, merge_lora_adapters
-from mergeflow.models.lora import wrap_lora
+from mergeflow.models.lora import rank_alpha, wrap_lora
 from mergeflow.tensors import MergeError
 from tests.helpers import tiny_bert
 
@@ -130,7 +130,7 @@ def test_ties_on_dense_deltas_and_dtype_kept(tmp_path):
     out = dense_deltas(out_sd, cfg)
     for m in ref:  # re-factored to rank 8 (4 + 4) by truncated SVD, stored in float16
         u, s, vh = torch.linalg.svd(ref[m])
-        r = cfg["r"] if "rank_pattern" not in cfg else cfg["rank_pattern"].get(m, cfg["r"])
+        r = rank_alpha(cfg, m)[0]
         best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
         torch.testing.assert_close(out[m], best, rtol=2e-2, atol=2e-2)
 

@@ -132,7 +132,7 @@ def test_bad_input(tmp_path):
     with pytest.raises(MergeError, match="rank must be an int >= 1"):
         lego.lora_lego({"a": (sd, cfg)}, 0)
     fewer = {k: v for k, v in sd.items() if "value" not in k}
-    with pytest.raises(MergeError, match="no LoRA pair for module"):
+    with pytest.raises(MergeError, match="targets other modules"):
         lego.lora_lego({"a": (sd, cfg), "b": (fewer, cfg)}, 2)
     with pytest.raises(MergeError, match="different base models"):
         lego.lora_lego({"a": (sd, cfg), "b": (sd, {**cfg, "base_model_name_or_path": "x"})}, 2)

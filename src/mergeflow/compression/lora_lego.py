@@ -5,10 +5,12 @@ of LoRA to Extremes Through Rank-Wise Clustering" (ICLR 2025, arXiv:2409.16167).
 
 A LoRA update is a sum of rank-1 *minimal semantic units* (MSUs):
 ΔW = s·B·A = Σ_{i=1}^{r} s·b_i a_iᵀ, with a_i the i-th row of A, b_i the i-th column of B and
-s = α/r (α/√r for rsLoRA). The units of every adapter of one module form a pool
-{u_i = (a_i, b_i)}; the pool is clustered into k groups C_1..C_k by k-means on the normalised
-concatenations u_i/‖u_i‖; each cluster is merged into its centroid c_j = mean_{i∈C_j} u_i, which is
-rescaled to the cluster's mean norm (the paper's parameter reweighting against norm decay):
+s = α/r (α/√r for rsLoRA; r and α per module from ``rank_pattern``/``alpha_pattern`` resolved as
+peft resolves them, :func:`mergeflow.models.lora.lora_scaling`). The units of every adapter of
+one module form a pool {u_i = (a_i, b_i)}; the pool is clustered into k groups C_1..C_k by
+k-means on the normalised concatenations u_i/‖u_i‖; each cluster is merged into its centroid
+c_j = mean_{i∈C_j} u_i, which is rescaled to the cluster's mean norm (the paper's parameter
+reweighting against norm decay):
 
     ĉ_j = c_j · (mean_{i∈C_j} ‖u_i‖) / ‖c_j‖,    ΔW_merged = Σ_{j=1}^{k} b̂_j âᵀ_j,
 
@@ -21,13 +23,16 @@ of (a_i, b_i) is fixed so the largest-magnitude entry of u_i is positive (−b·
 k-means is k-means++ seeded by ``seed`` followed by Lloyd iterations, so the result is deterministic.
 With one adapter and k equal to its rank, every unit is its own cluster and the adapter's ΔW is
 reproduced. The paper's second, output-side reweighting is available as ``output_scale``.
+
+DoRA adapters (Liu et al., ICML 2024) are refused: their weights ``m·(W + s·BA)/‖W + s·BA‖_c``
+are not a sum of rank-1 units, so clustering B·A alone would drop the magnitudes ``m`` (and
+with them part of each adapter's update), and the paper defines no merge of magnitudes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,19 +41,10 @@ import torch
 
 from mergeflow.engine.lora import adapter_config
 from mergeflow.io import atomic_dir, check_out, save_state_dict
+from mergeflow.models.lora import LORA_A, LORA_B, AdapterError, is_adapter_tensor, lora_modules
 from mergeflow.tensors import MergeError
 
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 _F32 = torch.float32
-
-
-def lora_scale(cfg: Mapping, module: str, r: int) -> float:
-    """The LoRA scale s = α/r (α/√r with rsLoRA); α from a matching ``alpha_pattern`` entry."""
-    alpha = float(cfg.get("lora_alpha", r))
-    for pat, val in (cfg.get("alpha_pattern") or {}).items():
-        if re.search(pat, module):
-            alpha = float(val)
-    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
 def split_units(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
@@ -175,7 +171,8 @@ def lora_lego(
 
     Raises:
         MergeError: No adapters, a bad rank, a lora_A without its lora_B, adapters that target
-            other modules or shapes, or of different base models.
+            other modules or shapes, or of different base models, DoRA adapters or LoRA
+            variants other than plain LoRA and rsLoRA.
     """
     if not adapters:
         raise MergeError("LoRA-LEGO needs at least one LoRA adapter")
@@ -190,33 +187,39 @@ def lora_lego(
                     f"adapter '{t}' has {field}={adapters[t][1].get(field)!r}, '{names[0]}' has "
                     f"{cfg0.get(field)!r}: adapters of different base models cannot be merged"
                 )
-    modules = [k[: -len(_A)] for k in adapters[names[0]][0] if k.endswith(_A)]
-    if not modules:
-        raise MergeError(f"adapter '{names[0]}' holds no lora_A/lora_B pairs")
+    mods = {}
+    for t in names:
+        mods[t] = lora_modules(*adapters[t], label=f"adapter '{t}'")
+        if adapters[t][1].get("use_dora"):
+            raise AdapterError(
+                f"adapter '{t}' is a DoRA adapter (use_dora): LoRA-LEGO clusters the rank-1 "
+                "units of s·B·A and has no merge of DoRA's magnitude vectors; merge DoRA "
+                "adapters with task arithmetic (merge_lora_adapters) instead"
+            )
+    modules = list(mods[names[0]])
+    for t in names[1:]:
+        if sorted(mods[t]) != sorted(modules):
+            diff = sorted(set(mods[t]) ^ set(modules))
+            raise MergeError(f"adapter '{t}' targets other modules than '{names[0]}' ('{diff[0]}')")
     out: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for mod in modules:
-        pool, n_in = [], None
-        for t in names:
-            sd, cfg = adapters[t]
-            if mod + _A not in sd or mod + _B not in sd:
-                raise MergeError(f"adapter '{t}' has no LoRA pair for module '{mod}'")
-            a, b = sd[mod + _A], sd[mod + _B]
-            if n_in is not None and (a.shape[1], b.shape[0]) != (n_in, pool[0].shape[1] - n_in):
+        first = mods[names[0]][mod]
+        for t in names[1:]:
+            if (mods[t][mod].a.shape[1], mods[t][mod].b.shape[0]) != (
+                first.a.shape[1],
+                first.b.shape[0],
+            ):
                 raise MergeError(
                     f"adapter '{t}': module '{mod}' has other shapes than '{names[0]}'"
                 )
-            n_in = a.shape[1]
-            pool.append(split_units(a, b, lora_scale(cfg, mod, a.shape[0])))
-        b, a = lego_module(torch.cat(pool), n_in, rank, seed=seed, output_scale=output_scale)
-        dtype = adapters[names[0]][0][mod + _A].dtype
-        out[mod + _A], out[mod + _B] = a.to(dtype), b.to(dtype)
+        pool = [split_units(mods[t][mod].a, mods[t][mod].b, mods[t][mod].scaling) for t in names]
+        b, a = lego_module(
+            torch.cat(pool), first.a.shape[1], rank, seed=seed, output_scale=output_scale
+        )
+        dtype = adapters[names[0]][0][mod + LORA_A].dtype
+        out[mod + LORA_A], out[mod + LORA_B] = a.to(dtype), b.to(dtype)
         ranks[mod] = a.shape[0]
-    for t in names[1:]:
-        extra = sorted(k[: -len(_A)] for k in adapters[t][0] if k.endswith(_A))
-        if extra != sorted(modules):
-            diff = sorted(set(extra) ^ set(modules))
-            raise MergeError(f"adapter '{t}' targets other modules than '{names[0]}' ('{diff[0]}')")
     return out, ranks
 
 
@@ -267,7 +270,7 @@ def write_adapter(
     sd0 = loaded[first][0]
     extras, dropped = {}, []
     for key, v in sd0.items():
-        if key.endswith((_A, _B)):
+        if is_adapter_tensor(key):
             continue
         same = all(
             key in sd and sd[key].shape == v.shape and torch.equal(sd[key], v)
@@ -283,6 +286,6 @@ def write_adapter(
         "rank": rank,
         "seed": seed,
         "module_ranks": dict(Counter(ranks.values())),
-        "units_pooled": sum(sd[m + _A].shape[0] for sd, _ in loaded.values() for m in ranks),
+        "units_pooled": sum(sd[m + LORA_A].shape[0] for sd, _ in loaded.values() for m in ranks),
         "dropped_tensors": dropped,
     }
