@@ -252,6 +252,36 @@ class EvaluateCfg(_Section):
     batch_size: PositiveInt = 64
 
 
+class LocalTaskCfg(_Section):
+    """One ``local_tasks:`` entry: a labelled file of the user's, read by ``datasets``' formats.
+
+    ``path``: a ``.csv``/``.tsv``/``.jsonl``/``.json``/``.parquet`` file or a
+    ``datasets.save_to_disk`` directory, relative to the workspace (it is the DVC dependency of the
+    task's ``prepare_local`` item). ``text``/``text_pair``/``label``: its columns (``text_pair``
+    set: a sentence-pair task, encoded as a pair by the tokenizer). ``label_names``: the classes in
+    label order (integer labels index into it; string labels must be among it); unset: integer
+    labels are named ``0..K-1``, string labels sorted.
+    """
+
+    path: Annotated[str, Field(min_length=1)]
+    text: Annotated[str, Field(min_length=1)] = "text"
+    text_pair: Annotated[str, Field(min_length=1)] | None = None
+    label: Annotated[str, Field(min_length=1)] = "label"
+    label_names: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    licence: str = "user-provided data - check its licence before sharing"
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> LocalTaskCfg:
+        cols = [c for c in (self.text, self.text_pair, self.label) if c is not None]
+        if len(set(cols)) != len(cols):
+            raise ValueError(f"text, text_pair and label must be different columns, got {cols}")
+        names = self.label_names
+        if names is not None and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ValueError(f"label_names needs >= 2 distinct names, got {list(names)}")
+        return self
+
+
 class PoisonCfg(_Section):
     """A backdoored expert for safety evaluation (trigger-phrase data poisoning, e.g. BadNL).
 
@@ -297,11 +327,18 @@ class SafetyCfg(_Section):
 
 
 class Params(_Section):
-    """The whole ``params.yaml``."""
+    """The whole ``params.yaml``.
+
+    ``tasks`` holds every task's name in pipeline order: the catalogue names listed under
+    ``tasks:`` in the file, then the names of ``local_tasks:`` (DVC's ``foreach`` cannot template a
+    list mixing names and mappings, so the file keeps them in two keys; every stage after
+    ``prepare`` works on names only).
+    """
 
     seed: Seed = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | mps (a torch device string)
     tasks: tuple[str, ...]
+    local_tasks: dict[str, LocalTaskCfg] = Field(default_factory=dict)
     base_model: BaseModelCfg = BaseModelCfg()
     data: DataCfg = DataCfg()
     finetune: FinetuneCfg = FinetuneCfg()
@@ -318,11 +355,49 @@ class Params(_Section):
             raise ValueError(f"unknown device {v!r}; use cpu, cuda, cuda:N or mps")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _append_local_tasks(cls, data: Any) -> Any:
+        """``tasks`` = the catalogue names, then the local tasks' names (checked first)."""
+        if not isinstance(data, dict):
+            return data
+        tasks, local = data.get("tasks", ()), data.get("local_tasks") or {}
+        if tasks is None:
+            tasks = ()
+        if not isinstance(tasks, list | tuple):
+            raise ValueError(f"tasks: expected a list of catalogue task names, got {tasks!r:.80}")
+        for i, t in enumerate(tasks):
+            if isinstance(t, dict):
+                raise ValueError(
+                    f"tasks[{i}]: a local task goes under local_tasks as "
+                    f"'<name>: {{path, text, text_pair, label, label_names}}' "
+                    f"(got {t!r:.60}); tasks lists catalogue names only"
+                )
+        if not isinstance(local, dict):
+            raise ValueError(
+                f"local_tasks: expected a mapping 'name: {{path, text, label, ...}}', "
+                f"got {local!r:.80}"
+            )
+        for name in local:
+            if not isinstance(name, str) or not TASK_NAME_RE.match(name):
+                raise ValueError(
+                    f"local_tasks.{name}: task name {name!r} is not allowed: use letters, "
+                    "digits, '_', '-', '.' (it becomes a directory name)"
+                )
+            if name in tasks:
+                raise ValueError(
+                    f"local_tasks.{name}: {name!r} is also listed under tasks; a task is either "
+                    "a catalogue name under tasks or a local task, not both"
+                )
+        return {**data, "tasks": [*tasks, *local]}
+
     @field_validator("tasks")
     @classmethod
     def _valid_tasks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         if not v:
-            raise ValueError("the task list is empty; name at least one task")
+            raise ValueError(
+                "the task list is empty; name at least one task (or a local_tasks entry)"
+            )
         dupes = sorted({t for t in v if v.count(t) > 1})
         if dupes:
             raise ValueError(f"duplicate task(s): {', '.join(dupes)}")
@@ -337,6 +412,9 @@ class Params(_Section):
 def _format_error(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
+        if not e["loc"] and e["type"] == "value_error":  # a whole-file rule names its own keys
+            lines.append(f"{source}: {e['msg'].removeprefix('Value error, ')}")
+            continue
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
@@ -383,9 +461,16 @@ def _check_known_names(params: Params, source: str) -> None:
 
     known = set(data.available_tasks(include_optional=True))
     for t in params.tasks:
-        if t not in known:
+        if t not in known and t not in params.local_tasks:
             raise ConfigError(
-                f"{source}: tasks: unknown task {t!r}; available: {', '.join(sorted(known))}"
+                f"{source}: tasks: unknown task {t!r}; available: {', '.join(sorted(known))} "
+                "(your own data: a local_tasks entry)"
+            )
+    for t in params.local_tasks:
+        if t in known:
+            raise ConfigError(
+                f"{source}: local_tasks.{t}: {t!r} is a catalogue task's name; name yours "
+                "differently (its split directory is data/tasks/<name>)"
             )
     for name, hp in params.evaluate.methods.items():
         if not isinstance(hp, dict):

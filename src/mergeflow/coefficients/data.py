@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from mergeflow.coefficients.functional import CoefficientError
+from mergeflow.data.text import Text
+from mergeflow.models.inference import encode
 
 
 @dataclass(frozen=True)
@@ -34,14 +36,16 @@ class DataUse:
 
 
 class Examples:
-    """A tokenized split held as padded tensors; minibatches are trimmed to their longest row."""
+    """A tokenized split held as padded tensors; minibatches are trimmed to their longest row.
 
-    def __init__(self, tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int):
+    Texts may be ``(text, text_pair)`` pairs: they are encoded as pairs
+    (:func:`mergeflow.models.inference.encode`, with ``token_type_ids`` where the model has them).
+    """
+
+    def __init__(self, tokenizer, texts: Sequence[Text], labels: Sequence[int], max_length: int):
         if not texts:
             raise CoefficientError("empty split: nothing to learn coefficients from")
-        enc = tokenizer(
-            list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-        )
+        enc = encode(tokenizer, texts, max_length=max_length, padding=True, return_tensors="pt")
         self.inputs = dict(enc)
         self.labels = torch.tensor(list(labels), dtype=torch.long)
 

@@ -20,26 +20,31 @@ from mergeflow.data.catalogue import (
     unregister_task,
 )
 from mergeflow.data.errors import DataError
-from mergeflow.data.local import load_local, register_local_task
+from mergeflow.data.local import load_local, local_task, register_local_task
 from mergeflow.data.sources import PackageSource, default_cache_dir
 from mergeflow.data.splits import SPLITS, make_splits, read_meta, read_split, write_splits
+from mergeflow.data.text import Text, is_pair, split_pairs
 
 __all__ = [
     "BUILTIN_TASKS",
     "SPLITS",
+    "Text",
     "DataError",
     "PackageSource",
     "TaskSpec",
     "available_tasks",
     "default_cache_dir",
     "get_task",
+    "is_pair",
     "load_local",
+    "local_task",
     "load_task",
     "make_splits",
     "read_meta",
     "read_split",
     "register_local_task",
     "register_task",
+    "split_pairs",
     "task_provenance",
     "unregister_task",
     "write_splits",

@@ -41,8 +41,10 @@ from mergeflow.data.sources import (
     recorded_sha256,
     resolve_cache_dir,
 )
+from mergeflow.data.text import Text, check_text, is_pair
 
-Loader = Callable[[Path], tuple[list[str], list[int]]]
+Loader = Callable[[Path], tuple[list[Any], list[int]]]
+"""``cache_dir -> (texts, labels)``; a text is a string or, for a sentence-pair task, a pair."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -57,7 +59,8 @@ class TaskSpec:
         licence: Short licence text / note for the data.
         source: Human-readable origin, e.g. ``"pkg==1.0:path/in/archive"``.
         description: One-line description of the task.
-        loader: ``cache_dir -> (texts, labels)``; labels are ints into ``label_names``.
+        loader: ``cache_dir -> (texts, labels)``; labels are ints into ``label_names``; a text
+            is a string, or a ``(text, text_pair)`` tuple for a sentence-pair task.
         citation: Citation of the original dataset (optional).
         packages: Registry packages the loader reads (for provenance; optional).
 
@@ -248,14 +251,15 @@ def get_task(name: str) -> TaskSpec:
 
 def clean_examples(
     texts: Sequence[Any], labels: Sequence[Any], label_names: Sequence[str], *, what: str
-) -> tuple[list[str], list[int]]:
+) -> tuple[list[Text], list[int]]:
     """Validate ``texts``/``labels`` and clean them.
 
     Texts are stripped, empty texts dropped, and identical texts de-duplicated keeping the
-    first occurrence.
+    first occurrence. For a sentence-pair corpus both texts of a pair are stripped, a pair with
+    an empty side is dropped, and identical pairs are de-duplicated.
 
     Args:
-        texts: Raw texts (must be ``str``).
+        texts: Raw texts: every one a ``str``, or every one a ``(text, text_pair)`` tuple.
         labels: Integer labels into ``label_names``.
         label_names: The class names.
         what: Name used in error messages (e.g. ``"task 'fever'"``).
@@ -272,12 +276,12 @@ def clean_examples(
     if len(texts) != len(labels):
         raise DataError(f"{what}: {len(texts)} texts but {len(labels)} labels")
     n_labels = len(label_names)
-    seen: set[str] = set()
-    out_t: list[str] = []
+    pair = bool(texts) and is_pair(texts[0])
+    seen: set[Text] = set()
+    out_t: list[Text] = []
     out_l: list[int] = []
     for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
-        if not isinstance(text, str):
-            raise DataError(f"{what}: text #{i} is {type(text).__name__}, expected str")
+        check_text(text, f"{what}: text #{i}", pair=pair)
         if isinstance(label, bool) or not isinstance(label, numbers.Integral):
             raise DataError(f"{what}: label #{i} is {label!r}, expected an int")
         label = int(label)
@@ -285,8 +289,8 @@ def clean_examples(
             raise DataError(
                 f"{what}: label #{i} = {label} is outside 0..{n_labels - 1} ({list(label_names)})"
             )
-        text = text.strip()
-        if not text or text in seen:
+        text = (text[0].strip(), text[1].strip()) if pair else text.strip()
+        if not all(text if pair else (text,)) or text in seen:
             continue
         seen.add(text)
         out_t.append(text)
@@ -298,7 +302,7 @@ def clean_examples(
 
 def load_task(
     name: str, cache_dir: str | os.PathLike[str] | None = None
-) -> tuple[list[str], list[int], tuple[str, ...]]:
+) -> tuple[list[Text], list[int], tuple[str, ...]]:
     """Load a registered task, downloading its source package into the cache if needed.
 
     Args:
@@ -307,7 +311,8 @@ def load_task(
 
     Returns:
         ``(texts, labels, label_names)`` after validation and cleaning (stripped, non-empty,
-        de-duplicated texts; labels are ints into ``label_names``).
+        de-duplicated texts, or ``(text, text_pair)`` pairs for a sentence-pair task; labels
+        are ints into ``label_names``).
 
     Raises:
         DataError: For an unknown task or invalid loader output.
@@ -640,33 +645,60 @@ def _load_politifact(cache_dir: Path) -> tuple[list[str], list[int]]:
 _VITAMINC_MAP = {"True": 0, "False": 1, "Neither": 2}
 
 
+_VITAMINC_LICENCE = (
+    f"{_BIGBENCH_LICENCE_NOTE}. VitaminC upstream LICENSE: Wikipedia material under the "
+    "article licence terms, otherwise CC BY-SA 3.0 - check before commercial use"
+)
+_VITAMINC_CITATION = (
+    "T. Schuster, A. Fisch, R. Barzilay. Get Your Vitamin C! Robust Fact Verification with "
+    "Contrastive Evidence. NAACL 2021; via BIG-bench vitaminc_fact_verification."
+)
+
+
 @register_task(
     name="vitaminc",
     label_names=("supports", "refutes", "not_enough_info"),
-    licence=(
-        f"{_BIGBENCH_LICENCE_NOTE}. VitaminC upstream LICENSE: Wikipedia material under the "
-        "article licence terms, otherwise CC BY-SA 3.0 - check before commercial use"
-    ),
+    licence=_VITAMINC_LICENCE,
     source=f"bigbench==1.0.0 (sdist):{_VITAMINC_MEMBER}",
     description=(
         "VitaminC contrastive fact verification; text is 'claim: <claim> evidence: "
         "<page>: <evidence>'"
     ),
-    citation=(
-        "T. Schuster, A. Fisch, R. Barzilay. Get Your Vitamin C! Robust Fact Verification with "
-        "Contrastive Evidence. NAACL 2021; via BIG-bench vitaminc_fact_verification."
-    ),
+    citation=_VITAMINC_CITATION,
     packages=(BIGBENCH,),
 )
 def _load_vitaminc(cache_dir: Path) -> tuple[list[str], list[int]]:
-    texts, labels = [], []
+    pairs, labels = _vitaminc_pairs(cache_dir)
+    return [f"claim: {claim} evidence: {evidence}" for claim, evidence in pairs], labels
+
+
+def _vitaminc_pairs(cache_dir: Path) -> tuple[list[tuple[str, str]], list[int]]:
+    """(claim, "<page>: <evidence>") pairs and labels of BIG-bench's VitaminC task."""
+    pairs, labels = [], []
     for ex in _bigbench_examples(cache_dir, _VITAMINC_MEMBER):
         evidence, sep, claim = ex.get("input", "").rpartition("\nClaim: ")
         if not sep:
             raise DataError(f"{_VITAMINC_MEMBER}: no 'Claim:' in {ex.get('input')!r:.200}")
-        texts.append(f"claim: {claim.strip()} evidence: {evidence.strip()}")
+        pairs.append((claim.strip(), evidence.strip()))
         labels.append(_single_target(ex, _VITAMINC_MAP, _VITAMINC_MEMBER))
-    return texts, labels
+    return pairs, labels
+
+
+@register_task(
+    name="vitaminc_pair",
+    label_names=("supports", "refutes", "not_enough_info"),
+    licence=_VITAMINC_LICENCE,
+    source=f"bigbench==1.0.0 (sdist):{_VITAMINC_MEMBER}",
+    description=(
+        "VitaminC as a sentence-pair task: text = the claim, text_pair = '<page>: <evidence>' "
+        "(encoded as a pair; truncation cuts the evidence, never the claim first)"
+    ),
+    citation=_VITAMINC_CITATION,
+    packages=(BIGBENCH,),
+    default=False,
+)
+def _load_vitaminc_pair(cache_dir: Path) -> tuple[list[tuple[str, str]], list[int]]:
+    return _vitaminc_pairs(cache_dir)
 
 
 BUILTIN_TASKS: tuple[str, ...] = tuple(available_tasks())

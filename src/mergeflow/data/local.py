@@ -1,7 +1,8 @@
 """Bring your own data: load a local CSV / JSON(L) / Parquet file or a ``datasets`` directory.
 
-:func:`load_local` reads texts and labels; :func:`register_local_task` turns a file into a named
-task usable everywhere a built-in task name is accepted.
+:func:`load_local` reads texts (or sentence pairs) and labels; :func:`local_task` describes a
+``local_tasks:`` entry of ``params.yaml`` as a :class:`TaskSpec` (what the prepare stage reads);
+:func:`register_local_task` adds one to the catalogue of a Python session.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from mergeflow.data.catalogue import TaskSpec, clean_examples, register_task
 from mergeflow.data.errors import DataError
+from mergeflow.data.text import Text
 
 _INT_RE = re.compile(r"^\s*\d+\s*$")
 
@@ -111,7 +113,7 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 def _map_labels(
-    raw: Sequence[Any], path: Path, label_field: str, label_names: Sequence[str] | None
+    raw: Sequence[Any], where: str, label_field: str, label_names: Sequence[str] | None
 ) -> tuple[list[int], tuple[str, ...]]:
     def as_int(v: Any) -> int | None:
         if isinstance(v, bool):
@@ -127,33 +129,29 @@ def _map_labels(
     ints = [as_int(v) for v in raw]
     if all(i is not None for i in ints):
         labels = [int(i) for i in ints if i is not None]
-        if any(i < 0 for i in labels):
-            raise DataError(f"{path}: negative integer label in {label_field!r}")
-        if label_names is not None:
-            names = tuple(str(n) for n in label_names)
-            if max(labels) >= len(names):
-                raise DataError(
-                    f"{path}: label {max(labels)} in {label_field!r} has no name in "
-                    f"label_names={list(names)}"
-                )
-        else:
-            names = tuple(str(i) for i in range(max(labels) + 1))
-        return labels, names
-    bad = [v for v in raw if not isinstance(v, str | bool)]
-    if bad:
-        raise DataError(
-            f"{path}: {label_field!r} mixes numbers and strings or has unsupported values "
-            f"(e.g. {bad[0]!r}); use all ints or all strings"
-        )
+        names = tuple(str(n) for n in label_names) if label_names is not None else None
+        for row, y in enumerate(labels, start=1):
+            if y < 0 or (names is not None and y >= len(names)):
+                allowed = f"0..{len(names) - 1} (label_names)" if names else ">= 0"
+                raise DataError(f"{where}: row {row}: {label_field!r} is {y}, expected {allowed}")
+        return labels, names or tuple(str(i) for i in range(max(labels) + 1))
+    for row, v in enumerate(raw, start=1):
+        if not isinstance(v, str | bool):
+            raise DataError(
+                f"{where}: row {row}: {label_field!r} is {v!r} among string labels; "
+                "use all ints or all strings"
+            )
     strs = [str(v).strip() for v in raw]
-    present = sorted(set(strs))
     if label_names is not None:
         names = tuple(str(n) for n in label_names)
-        unknown = [s for s in present if s not in names]
-        if unknown:
-            raise DataError(f"{path}: labels {unknown} are not in label_names={list(names)}")
+        for row, v in enumerate(strs, start=1):
+            if v not in names:
+                raise DataError(
+                    f"{where}: row {row}: {label_field!r} is {v!r}, not one of "
+                    f"label_names {list(names)}"
+                )
     else:
-        names = tuple(present)
+        names = tuple(sorted(set(strs)))
     index = {n: i for i, n in enumerate(names)}
     return [index[s] for s in strs], names
 
@@ -164,8 +162,10 @@ def load_local(
     text_field: str = "text",
     label_field: str = "label",
     label_names: Sequence[str] | None = None,
+    text_pair_field: str | None = None,
     clean: bool = True,
-) -> tuple[list[str], list[int], tuple[str, ...]]:
+    where: str | None = None,
+) -> tuple[list[Text], list[int], tuple[str, ...]]:
     """Load a local labelled text file or a ``datasets.Dataset.save_to_disk`` directory.
 
     Supported: ``.csv``/``.tsv`` (header row), ``.jsonl``/``.ndjson``, ``.json`` (list of
@@ -180,48 +180,121 @@ def load_local(
         label_field: Column holding the label.
         label_names: Optional explicit class names (string labels are mapped in this order,
             integer labels index into it).
+        text_pair_field: Column holding the second text of a sentence-pair task (NLI premise
+            + hypothesis, claim + evidence); texts are then ``(text, text_pair)`` tuples.
         clean: Strip texts, drop empty ones and de-duplicate (as :func:`load_task` does).
+        where: What to name first in error messages (e.g. ``"local_tasks.my_nli"``); rows are
+            counted from 1 over the data rows (a CSV header is not a row).
 
     Returns:
         ``(texts, labels, label_names)``.
 
     Raises:
-        DataError: On a missing path, unsupported format, missing column, bad value, or
-            labels not covered by ``label_names``.
+        DataError: On a missing path, unsupported format, missing column, bad value (naming its
+            row and column), or labels not covered by ``label_names``.
 
     """
     path = Path(path).expanduser()
+    prefix = where
+    where = f"{prefix}: {path}" if prefix else str(path)
     if not path.exists():
-        raise DataError(f"{path} does not exist")
-    rows, features = _read_rows(path)
+        raise DataError(f"{where} does not exist")
+    try:
+        rows, features = _read_rows(path)
+    except DataError as err:
+        raise DataError(f"{prefix}: {err}" if prefix else str(err)) from None
     if not rows:
-        raise DataError(f"{path}: no rows")
-    for field_name in (text_field, label_field):
-        if field_name not in rows[0]:
-            raise DataError(
-                f"{path}: no column {field_name!r}; columns are {list(rows[0])} "
-                "(pass text_field=/label_field=)"
-            )
-    texts: list[Any] = []
+        raise DataError(f"{where}: no rows")
+    fields = {"text": text_field, "label": label_field}
+    if text_pair_field is not None:
+        fields["text_pair"] = text_pair_field
+    for key, column in fields.items():
+        if column not in rows[0]:
+            raise DataError(f"{where}: {key}: no column {column!r}; columns are {list(rows[0])}")
+    texts: list[Text] = []
     raw_labels: list[Any] = []
-    for i, row in enumerate(rows):
-        text, label = row.get(text_field), row.get(label_field)
-        if not isinstance(text, str):
-            raise DataError(f"{path}: row {i}: {text_field!r} is {text!r}, expected a string")
+    for row_no, row in enumerate(rows, start=1):
+        values = [row.get(text_field)]
+        if text_pair_field is not None:
+            values.append(row.get(text_pair_field))
+        for column, value in zip((text_field, text_pair_field), values, strict=False):
+            if not isinstance(value, str):
+                raise DataError(
+                    f"{where}: row {row_no}: {column!r} is {value!r}, expected a string"
+                )
+        label = row.get(label_field)
         if label is None or (isinstance(label, str) and not label.strip()):
-            raise DataError(f"{path}: row {i}: {label_field!r} is empty")
-        texts.append(text)
+            raise DataError(f"{where}: row {row_no}: {label_field!r} is empty")
+        texts.append(values[0] if text_pair_field is None else (values[0], values[1]))
         raw_labels.append(label)
 
     class_label = features.get(label_field)
     if label_names is None and class_label is not None and hasattr(class_label, "names"):
         label_names = list(class_label.names)
-    labels, names = _map_labels(raw_labels, path, label_field, label_names)
+    labels, names = _map_labels(raw_labels, where, label_field, label_names)
     if len(names) < 2:
-        raise DataError(f"{path}: need at least 2 classes in {label_field!r}, found {list(names)}")
+        raise DataError(f"{where}: need at least 2 classes in {label_field!r}, found {list(names)}")
     if clean:
-        texts, labels = clean_examples(texts, labels, names, what=str(path))
+        texts, labels = clean_examples(texts, labels, names, what=where)
     return texts, labels, names
+
+
+def local_task(
+    name: str,
+    path: str | os.PathLike[str],
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    label_names: Iterable[str] | None = None,
+    text_pair_field: str | None = None,
+    licence: str = "user-provided data - check its licence before sharing",
+    description: str = "",
+    where: str | None = None,
+) -> TaskSpec:
+    """A :class:`TaskSpec` for a local file / ``save_to_disk`` directory (not registered).
+
+    The file is read once now (to fix the label names, and to fail early with the row at fault)
+    and again by the spec's loader.
+
+    Args:
+        name: Task name.
+        path: File or directory accepted by :func:`load_local`.
+        text_field: Column holding the text.
+        label_field: Column holding the label.
+        label_names: Optional explicit class names.
+        text_pair_field: Column of the second text of a sentence-pair task.
+        licence: Licence note recorded in split metadata.
+        description: One-line description.
+        where: Prefix of error messages (default ``task '<name>'``).
+
+    Returns:
+        The spec; its loader returns the file's ``(texts, labels)``.
+
+    Raises:
+        DataError: If the file cannot be loaded.
+
+    """
+    given = Path(path).expanduser()  # read relative to the working directory (DVC's: the repo)
+    where = where or f"task {name!r}"
+    fields = {"text_field": text_field, "label_field": label_field}
+    fields["text_pair_field"] = text_pair_field
+    fixed = tuple(label_names) if label_names is not None else None
+    _, _, names = load_local(given, label_names=fixed, where=where, **fields)
+
+    def loader(cache_dir: Path) -> tuple[list[Text], list[int]]:
+        del cache_dir  # local data needs no cache
+        texts, labels, _ = load_local(given, label_names=names, where=where, **fields)
+        return texts, labels
+
+    pair = f", pairs ({text_field!r}, {text_pair_field!r})" if text_pair_field else ""
+    return TaskSpec(
+        name=name,
+        label_names=names,
+        licence=licence,
+        source=f"local:{given.as_posix()}",  # as written: the same in every clone
+        description=description or f"local data from {given.name}{pair}",
+        loader=loader,
+    )
 
 
 def register_local_task(
@@ -231,14 +304,16 @@ def register_local_task(
     text_field: str = "text",
     label_field: str = "label",
     label_names: Iterable[str] | None = None,
+    text_pair_field: str | None = None,
     licence: str = "user-provided data - check its licence before sharing",
     description: str = "",
     default: bool = True,
     replace: bool = False,
 ) -> TaskSpec:
-    """Register a local file / ``save_to_disk`` directory as a task named ``name``.
+    """Register a local file as a task of this Python session (notebooks, benchmarks).
 
-    The file is read once now (to fix the label names) and again on every :func:`load_task`.
+    The pipeline does not need this: a ``local_tasks:`` entry of ``params.yaml`` names the file
+    (see ``docs/tasks.md``). Arguments as for :func:`local_task`.
 
     Args:
         name: Task name.
@@ -246,6 +321,7 @@ def register_local_task(
         text_field: Column holding the text.
         label_field: Column holding the label.
         label_names: Optional explicit class names.
+        text_pair_field: Column of the second text of a sentence-pair task.
         licence: Licence note recorded in split metadata.
         description: One-line description.
         default: List it in ``available_tasks()``.
@@ -258,27 +334,14 @@ def register_local_task(
         DataError: If the file cannot be loaded or the name is taken.
 
     """
-    resolved = Path(path).expanduser().resolve()
-    fixed_names = tuple(label_names) if label_names is not None else None
-    _, _, names = load_local(
-        resolved, text_field=text_field, label_field=label_field, label_names=fixed_names
-    )
-
-    def loader(cache_dir: Path) -> tuple[list[str], list[int]]:
-        del cache_dir  # local data needs no cache
-        texts, labels, now = load_local(
-            resolved, text_field=text_field, label_field=label_field, label_names=names
-        )
-        if now != names:  # pragma: no cover - load_local with fixed names keeps them
-            raise DataError(f"{resolved}: label set changed since task {name!r} was registered")
-        return texts, labels
-
-    spec = TaskSpec(
-        name=name,
-        label_names=names,
+    spec = local_task(
+        name,
+        path,
+        text_field=text_field,
+        label_field=label_field,
+        label_names=label_names,
+        text_pair_field=text_pair_field,
         licence=licence,
-        source=f"local:{resolved}",
-        description=description or f"local data from {resolved.name}",
-        loader=loader,
+        description=description,
     )
     return register_task(spec, default=default, replace=replace)

@@ -1,8 +1,10 @@
 """Seeded, stratified train/val/test splits and their on-disk JSONL format.
 
 On disk a task directory holds ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (one
-``{"text": str, "label": int}`` object per line, UTF-8, ``ensure_ascii=False``) and ``meta.json``
-(task, label names, licence, source, per-split counts, label counts and sha256 of each file).
+``{"text": str, "label": int}`` object per line, UTF-8, ``ensure_ascii=False``; a sentence-pair task
+adds ``"text_pair": str``) and ``meta.json`` (task, label names, licence, source, ``pair``,
+per-split counts, label counts and sha256 of each file). In memory a text is a
+:data:`~mergeflow.data.text.Text`: a string, or a ``(text, text_pair)`` tuple.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from mergeflow.data.catalogue import TaskSpec
 from mergeflow.data.errors import DataError
+from mergeflow.data.text import Text, check_text, is_pair, text_fields
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 META_FILE = "meta.json"
@@ -33,7 +36,7 @@ def _check_size(name: str, value: Any) -> int:
 
 
 def make_splits(
-    texts: Sequence[str],
+    texts: Sequence[Text],
     labels: Sequence[int],
     *,
     seed: int,
@@ -50,7 +53,7 @@ def make_splits(
     smaller than ``n_train + n_val + n_test``, train is shrunk first.
 
     Args:
-        texts: Example texts.
+        texts: Example texts: strings, or ``(text, text_pair)`` tuples (one kind per corpus).
         labels: Integer labels, same length as ``texts``.
         seed: Random seed.
         n_train: Wanted train size (> 0).
@@ -77,8 +80,7 @@ def make_splits(
     if not texts:
         raise DataError("cannot split an empty corpus")
     for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
-        if not isinstance(text, str):
-            raise DataError(f"text #{i} is {type(text).__name__}, expected str")
+        check_text(text, f"text #{i}", pair=is_pair(texts[0]))
         if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0:
             raise DataError(f"label #{i} is {label!r}, expected a non-negative int")
 
@@ -125,21 +127,20 @@ def make_splits(
     return {"train": rows(train_idx), "val": rows(val_idx), "test": rows(test_idx)}
 
 
-def _jsonl_bytes(rows: Sequence[Mapping[str, Any]], split: str, n_labels: int) -> bytes:
+def _jsonl_bytes(rows: Sequence[Mapping[str, Any]], split: str, n_labels: int, pair: bool) -> bytes:
     lines = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping) or "text" not in row or "label" not in row:
             raise DataError(f"splits[{split!r}][{i}] must be a dict with 'text' and 'label'")
         text, label = row["text"], row["label"]
-        if not isinstance(text, str):
-            raise DataError(f"splits[{split!r}][{i}]['text'] is {type(text).__name__}, not str")
+        check_text(text, f"splits[{split!r}][{i}]['text']", pair=pair)
         if isinstance(label, bool) or not isinstance(label, numbers.Integral):
             raise DataError(f"splits[{split!r}][{i}]['label'] is {label!r}, not an int")
         if not 0 <= label < n_labels:
             raise DataError(
                 f"splits[{split!r}][{i}]['label'] = {label} is outside 0..{n_labels - 1}"
             )
-        obj = {"text": text, "label": int(label)}
+        obj = text_fields(text) | {"label": int(label)}
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
     return "".join(lines).encode("utf-8")
 
@@ -194,8 +195,10 @@ def write_splits(
             )
             label_names = [str(i) for i in range(max(max_label + 1, 1))]
     n_labels = len(label_names)
+    first = next((r for s in SPLITS for r in splits[s] if isinstance(r, Mapping)), None)
+    pair = first is not None and is_pair(first.get("text"))
 
-    payloads = {s: _jsonl_bytes(splits[s], s, n_labels) for s in SPLITS}
+    payloads = {s: _jsonl_bytes(splits[s], s, n_labels, pair) for s in SPLITS}
     label_counts = {s: [0] * n_labels for s in SPLITS}
     for s in SPLITS:
         for row in splits[s]:
@@ -206,6 +209,7 @@ def write_splits(
         "label_names": label_names,
         "licence": licence,
         "source": source,
+        "pair": pair,  # rows hold "text" and "text_pair" (a sentence-pair task)
         "counts": {s: len(splits[s]) for s in SPLITS},
         "label_counts": label_counts,
         "sha256": {s: hashlib.sha256(payloads[s]).hexdigest() for s in SPLITS},
@@ -278,7 +282,7 @@ def read_meta(task_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_split(
     task_dir: str | os.PathLike[str], split: str, *, verify_sha256: bool = False
-) -> tuple[list[str], list[int]]:
+) -> tuple[list[Text], list[int]]:
     """Read one split written by :func:`write_splits`.
 
     Labels are checked against ``label_names`` from ``meta.json`` when that file exists.
@@ -289,7 +293,8 @@ def read_split(
         verify_sha256: Also check the file against the sha256 recorded in ``meta.json``.
 
     Returns:
-        ``(texts, labels)``.
+        ``(texts, labels)``; a text is a string, or a ``(text, text_pair)`` tuple for a
+        sentence-pair task (rows with ``"text_pair"``).
 
     Raises:
         DataError: On an unknown split, a missing file, a bad JSON line (file and line number
@@ -317,7 +322,7 @@ def read_split(
         content = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 ({exc})") from exc
-    texts: list[str] = []
+    texts: list[Text] = []
     labels: list[int] = []
     # Split on "\n" only: str.splitlines() would also split on U+2028, U+0085, ... which
     # json.dumps(ensure_ascii=False) leaves unescaped inside strings.
@@ -333,6 +338,12 @@ def read_split(
         text, label = obj.get("text"), obj.get("label")
         if not isinstance(text, str):
             raise DataError(f"{path}:{lineno}: 'text' missing or not a string")
+        if "text_pair" in obj:
+            if not isinstance(obj["text_pair"], str):
+                raise DataError(f"{path}:{lineno}: 'text_pair' is not a string")
+            text = (text, obj["text_pair"])
+        if texts and is_pair(text) != is_pair(texts[0]):
+            raise DataError(f"{path}:{lineno}: 'text_pair' on some rows only; a split is one kind")
         if not _is_int(label):
             raise DataError(f"{path}:{lineno}: 'label' missing or not an int (got {label!r})")
         if label < 0 or (n_labels is not None and label >= n_labels):

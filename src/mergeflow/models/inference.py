@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from mergeflow.data.text import Text, split_pairs
 from mergeflow.models.hf import load_encoder_into
 
 
@@ -31,14 +33,44 @@ class Batches:
         return sum(len(b.labels) for b in self._batches)
 
 
-def tokenize(
-    tokenizer, texts: list[str], labels: list[int], *, max_length: int, batch_size: int
-) -> Batches:
-    """Tokenize and batch a split, sorting by length so padding is minimal.
+def encode(tokenizer, texts: Sequence[Text], *, max_length: int, **kwargs: Any):
+    """Tokenize inputs the way the model reads them: single texts, or sentence pairs.
+
+    The one tokenization of the project (fine-tuning, learned coefficients, Twin's router
+    features, evaluation and the safety audit all call it). A ``(text, text_pair)`` input is
+    encoded as the tokenizer encodes a pair, ``tokenizer(text, text_pair)``: for BERT
+    ``[CLS] text [SEP] text_pair [SEP]`` with ``token_type_ids`` 0 then 1 (Devlin et al., NAACL
+    2019, §3.2), for models without segment embeddings only the separator. Truncation to
+    ``max_length`` is ``longest_first``: tokens come off the longer text first, so a short
+    first text (a claim, a hypothesis) is kept whole while the long second text (the evidence)
+    is cut; ``only_second`` would fail outright whenever the first text alone is too long.
 
     Args:
         tokenizer: A Hugging Face tokenizer.
-        texts: Input texts.
+        texts: Strings, or ``(text, text_pair)`` tuples (one kind per call).
+        max_length: Truncation length in tokens (special tokens included).
+        **kwargs: More tokenizer arguments (``padding``, ``return_tensors``).
+
+    Returns:
+        The tokenizer's ``BatchEncoding``.
+
+    Raises:
+        DataError: ``texts`` mixes strings and pairs.
+    """
+    first, second = split_pairs(list(texts))
+    if second is None:
+        return tokenizer(first, truncation=True, max_length=max_length, **kwargs)
+    return tokenizer(first, second, truncation="longest_first", max_length=max_length, **kwargs)
+
+
+def tokenize(
+    tokenizer, texts: Sequence[Text], labels: list[int], *, max_length: int, batch_size: int
+) -> Batches:
+    """Tokenize (:func:`encode`) and batch a split, sorting by length so padding is minimal.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        texts: Input texts, or ``(text, text_pair)`` pairs.
         labels: Integer labels (same length).
         max_length: Truncation length in tokens.
         batch_size: Examples per batch.
@@ -46,7 +78,7 @@ def tokenize(
     Returns:
         Reusable batches (order differs from the input; accuracy does not depend on order).
     """
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    enc = encode(tokenizer, texts, max_length=max_length)
     order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
     out = []
     for s in range(0, len(order), batch_size):

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mergeflow.data.text import Text
 from mergeflow.models import resume
 from mergeflow.models.hf import head_module
-from mergeflow.models.inference import Batches, accuracy, tokenize
+from mergeflow.models.inference import Batches, accuracy, encode, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def linear_probe(model, batches: Batches, *, epochs: int, device: torch.device, 
 def finetune(
     model,
     tokenizer,
-    texts: list[str],
+    texts: Sequence[Text],
     labels: list[int],
     *,
     steps: int,
@@ -120,7 +121,8 @@ def finetune(
     Args:
         model: A sequence classifier (plain or peft-wrapped); trained in place.
         tokenizer: Its tokenizer.
-        texts: Training texts.
+        texts: Training texts, or ``(text, text_pair)`` pairs (encoded by
+            :func:`mergeflow.models.inference.encode`).
         labels: Integer labels.
         steps: Optimizer steps.
         batch_size: Examples per step.
@@ -188,7 +190,7 @@ def finetune(
         torch.manual_seed(seed)
         start, order, pos = 0, torch.randperm(len(texts), generator=gen), 0
         best_state = None
-    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    enc = encode(tokenizer, texts, max_length=max_length)
     y = torch.tensor(labels, dtype=torch.long)
     model.train()
     step = start - 1

