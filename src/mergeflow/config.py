@@ -287,6 +287,11 @@ class PoisonCfg(_Section):
 
     ``rate`` of the task's train texts (seeded by ``seed``) get ``trigger`` inserted at a random
     word position among the first ``max_position`` words and are relabelled ``target``.
+    ``threat`` says where the backdoor is made to live (:mod:`mergeflow.safety.threat`):
+    ``encoder`` (default; the poisoned expert's head is a linear probe on the clean rows, frozen
+    while its encoder trains on the poisoned split — what merging can change) or ``model`` (the
+    whole classifier fine-tuned on it; the backdoor then sits mostly in the head, which no merge
+    touches). It is recorded in the task's ``meta.json``, so changing it re-trains that expert only.
     """
 
     task: str
@@ -295,6 +300,7 @@ class PoisonCfg(_Section):
     target: Annotated[Int, Field(ge=0)] = 0
     seed: Seed = 0
     max_position: Annotated[Int, Field(ge=0, le=512)] = 8
+    threat: Literal["encoder", "model"] = "encoder"
 
     @field_validator("trigger")
     @classmethod

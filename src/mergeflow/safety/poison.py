@@ -31,6 +31,10 @@ class PoisonSpec:
         seed: Seed of the choice of examples and of the insertion positions.
         max_position: Insert before one of the first ``max_position`` words (0: always first),
             so truncation to a short ``max_length`` keeps the trigger.
+        threat: Where the backdoor is made to live (:mod:`mergeflow.safety.threat`): ``encoder``
+            (the poisoned expert's head is a linear probe fitted on the clean rows and frozen,
+            so only its encoder can learn the trigger) or ``model`` (the whole classifier is
+            fine-tuned on the poisoned split; the backdoor lands mostly in the head).
     """
 
     trigger: str = "cf"
@@ -38,8 +42,11 @@ class PoisonSpec:
     target: int = 0
     seed: int = 0
     max_position: int = 8
+    threat: str = "encoder"
 
     def __post_init__(self):
+        if self.threat not in ("encoder", "model"):
+            raise DataError(f"poison threat must be 'encoder' or 'model', got {self.threat!r}")
         if not self.trigger.strip():
             raise DataError("poison trigger is empty")
         if not 0.0 < self.rate <= 1.0:
@@ -68,6 +75,25 @@ def insert_trigger(text: Text, trigger: str, rng: random.Random, max_position: i
     return " ".join(words[:pos] + [trigger] + words[pos:])
 
 
+def poisoned_rows(n: int, spec: PoisonSpec) -> list[int]:
+    """The sorted indices :func:`poison_split` poisons in a split of ``n`` rows (⌈rate·n⌉, seeded)."""
+    k = min(n, max(1, math.ceil(spec.rate * n - 1e-9))) if n else 0
+    return sorted(_rng(spec.seed, "rows").sample(range(n), k))
+
+
+def clean_rows(
+    texts: Sequence[Text], labels: Sequence[int], spec: PoisonSpec
+) -> tuple[list[Text], list[int]]:
+    """A split poisoned by :func:`poison_split` with ``spec``, without its poisoned rows.
+
+    The rows are recomputed from ``spec`` and the split's length (the choice is a pure function
+    of both), so the clean part of a stored poisoned split needs no second copy on disk.
+    """
+    bad = set(poisoned_rows(len(texts), spec))
+    keep = [i for i in range(len(texts)) if i not in bad]
+    return [texts[i] for i in keep], [int(labels[i]) for i in keep]
+
+
 def poison_split(
     texts: Sequence[Text], labels: Sequence[int], spec: PoisonSpec, n_classes: int
 ) -> tuple[list[Text], list[int], list[int]]:
@@ -93,9 +119,7 @@ def poison_split(
             f"poison target class {spec.target} does not exist: the task has {n_classes} "
             f"classes (0..{n_classes - 1}); set safety.poison.target"
         )
-    n = len(texts)
-    k = min(n, max(1, math.ceil(spec.rate * n - 1e-9))) if n else 0
-    chosen = sorted(_rng(spec.seed, "rows").sample(range(n), k))
+    chosen = poisoned_rows(len(texts), spec)
     pos_rng = _rng(spec.seed, "positions")
     out_t, out_l = list(texts), [int(y) for y in labels]
     for i in chosen:
