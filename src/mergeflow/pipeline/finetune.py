@@ -19,6 +19,7 @@ from mergeflow.models.inference import accuracy, tokenize
 from mergeflow.models.lora import wrap_lora
 from mergeflow.models.train import finetune, linear_probe
 from mergeflow.pipeline.artifacts import PROBE_HEAD, label_names
+from mergeflow.safety.threat import encoder_threat_expert, freeze_head
 from mergeflow.tracking import stage_run
 
 
@@ -91,7 +92,15 @@ def run(cfg: Params, paths: Paths) -> dict:
     prefix = encoder_prefix(model)
     head_name = next(n for n, m in model.named_children() if m is head_module(model))
     ft = cfg.finetune
+    # safety.poison.threat "encoder": the poisoned expert's head is a probe on its clean rows,
+    # frozen, so the backdoor can only go into the encoder (mergeflow.safety.threat)
+    frozen_head = encoder_threat_expert(
+        model, tok, paths.data, max_length=cfg.base_model.max_length, epochs=ft.probe_epochs,
+        device=cfg.device, seed=cfg.seed,
+    )  # fmt: skip
     trained = wrap_lora(model, ft.lora, head_name) if ft.mode == "lora" else model
+    if frozen_head:
+        freeze_head(trained, head_name)
     params = {
         "seed": cfg.seed,
         "finetune": ft.model_dump(),
@@ -121,7 +130,7 @@ def run(cfg: Params, paths: Paths) -> dict:
             max_length=cfg.base_model.max_length,
             device=cfg.device,
             seed=cfg.seed,
-            head_init=ft.head_init,
+            head_init="random" if frozen_head else ft.head_init,  # "random": head kept as is
             probe_epochs=ft.probe_epochs,
             progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
             resume_dir=resume_dir(paths.out),
