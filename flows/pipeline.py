@@ -17,6 +17,12 @@ Retries only on I/O-bound steps (``prepare`` reads source packages, ``base`` loa
 with its process group when it expires. Up-to-date items are skipped and say so. Each stage item is
 one plain process that logs its own MLflow run; when it fails or is killed, its task ends the run it
 left RUNNING as FAILED.
+
+Progress while it runs (:mod:`mergeflow.progress`): the flow hands its stage processes a progress
+directory (``MERGEFLOW_PROGRESS_DIR``); a stage with steps rewrites a small JSON file there, each
+task records its item's state beside it and mirrors the stage's progress into a Prefect progress
+artifact, and the flow shows the whole board — a live table in a terminal, plain lines at a
+cadence in a log — and a summary block at the end.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +52,8 @@ IO_RETRIES = 2
 IO_RETRY_DELAY_S = 3
 DEFAULT_TIMEOUT_S = 6 * 3600.0
 FLOW_LOCK = ".dvc/tmp/mergeflow-flow.lock"
+TICK_S = 1.0  # how often the flow and its tasks look at the progress directory
+ARTIFACT_EVERY_S = 3.0  # at most one Prefect progress-artifact update per item per this long
 
 
 class WorkspaceBusyError(RuntimeError):
@@ -154,12 +164,23 @@ def is_stale(root: str | Path, name: str) -> bool:
 
 
 def run_command(
-    cmd: str, root: str | Path, env: dict[str, str], timeout_s: float
+    cmd: str | list[str],
+    root: str | Path,
+    env: dict[str, str],
+    timeout_s: float,
+    on_tick: Callable[[], None] | None = None,
+    tick_s: float = TICK_S,
 ) -> subprocess.CompletedProcess:
-    """Run a stage command in its own process group; kill the group when it times out."""
+    """Run a command (a shell string or an argv list) in its own session and process group.
+
+    The group is killed when the command times out or the caller is interrupted; it holds
+    everything the command started that did not start a session of its own — for ``dvc repro``,
+    the stage process DVC runs under it. ``on_tick`` is called about every ``tick_s`` seconds
+    while the command runs (its output keeps being collected meanwhile).
+    """
     proc = subprocess.Popen(
         cmd,
-        shell=True,
+        shell=isinstance(cmd, str),
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,
@@ -167,18 +188,109 @@ def run_command(
         text=True,
         start_new_session=True,
     )
+    deadline = time.monotonic() + timeout_s
     try:
-        out, err = proc.communicate(timeout=timeout_s)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                out, err = proc.communicate(timeout=max(0.0, min(tick_s, left)))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline:
+                    raise
+                if on_tick is not None:
+                    on_tick()
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise StageTimeoutError(f"timed out after {timeout_s:g} s and was killed: {cmd}") from None
+        shown = cmd if isinstance(cmd, str) else " ".join(cmd)
+        raise StageTimeoutError(f"timed out after {timeout_s:g} s and was killed: {shown}") from None
     except BaseException:  # the flow itself is being cancelled or killed: take the stage with it
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def artifact_key(item: str) -> str:
+    """A Prefect artifact key for an item's progress (lowercase letters, digits and dashes)."""
+    import re
+
+    return "progress-" + re.sub(r"[^a-z0-9]+", "-", item.lower()).strip("-")
+
+
+class ItemProgress:
+    """A task's side of live progress: its item's state, and a Prefect progress artifact.
+
+    The state goes into the flow's progress directory (:func:`mergeflow.progress.mark`); the
+    artifact follows the stage's own progress file and ends at 100 % when the item ran. A
+    failing Prefect API is logged once, never fatal to the stage.
+    """
+
+    def __init__(self, directory: str | None, item: str, clock=time.monotonic):
+        from mergeflow import progress
+
+        self._p, self.directory, self.item, self._clock = progress, directory, item, clock
+        self.started = time.time()
+        self.artifact_id = None
+        self.percent = None
+        self._sent_at = -float("inf")
+        self._warned = False
+        if directory:
+            progress.mark(directory, item, "checking", self.started)
+
+    def _prefect(self, fn, *args, **kw):
+        try:
+            return fn(*args, **kw)
+        except Exception as err:  # noqa: BLE001 - progress is a view, never a failure
+            if not self._warned:
+                get_run_logger().warning("%s: progress artifact not updated: %s", self.item, err)
+                self._warned = True
+            return None
+
+    def command_started(self) -> None:
+        """The stage command starts: the item is running, its progress artifact at 0 %."""
+        from prefect.artifacts import create_progress_artifact
+
+        if self.directory:
+            self._p.mark(self.directory, self.item, "running", time.time())
+        self.percent = 0.0
+        self._sent_at = self._clock()
+        self.artifact_id = self._prefect(
+            create_progress_artifact, 0.0, key=artifact_key(self.item),
+            description=f"`{self.item}`: started",
+        )
+
+    def tick(self) -> None:
+        """Mirror the stage's progress file into the artifact (when it moved; throttled)."""
+        if not self.directory or self.artifact_id is None:
+            return
+        if self._clock() - self._sent_at < ARTIFACT_EVERY_S:
+            return
+        view = self._p.read_board(self.directory, [self.item])[0]
+        frac = view.fraction
+        if frac is None or round(100 * frac, 1) == self.percent:
+            return
+        self._send(round(100 * frac, 1), f"`{self.item}`: {self._p.describe(view)}")
+
+    def _send(self, percent: float, description: str) -> None:
+        from prefect.artifacts import update_progress_artifact
+
+        self.percent, self._sent_at = percent, self._clock()
+        if self.artifact_id is not None:
+            self._prefect(update_progress_artifact, self.artifact_id, percent, description)
+
+    def finished(self, state: str, error: str = "") -> None:
+        """Record the item's final state; the artifact reaches 100 % when the item ran."""
+        ended = time.time()
+        if self.directory:
+            self._p.mark(self.directory, self.item, state, self.started, ended, error)
+        took = self._p.fmt_duration(ended - self.started)
+        if state == "ran":
+            self._send(100.0, f"`{self.item}`: ran in {took}")
+        elif state == "failed" and self.percent is not None:
+            self._send(self.percent, f"`{self.item}`: failed after {took}: {error}")
 
 
 def _stage_env(item: StageItem, lineage_env: dict[str, str], threads: int | None) -> dict:
@@ -219,33 +331,52 @@ def run_stage(
     parallel: bool = True,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int | None = None,
+    progress_dir: str | None = None,
 ) -> str:
-    """Run one stage item unless DVC says it is up to date; returns ``ran`` or ``skipped``."""
+    """Run one stage item unless DVC says it is up to date; returns ``ran`` or ``skipped``.
+
+    With ``progress_dir`` (see :mod:`mergeflow.progress`) the stage process reports into it and
+    the task records the item's state there; either way the task keeps a Prefect progress
+    artifact of the running command.
+    """
+    from mergeflow.progress import ENV
+
     logger = get_run_logger()
     env = _stage_env(item, lineage_env, threads)
+    if progress_dir:
+        env[ENV] = progress_dir
     lock = _dvc_lock(root)
     t0 = time.monotonic()
+    board = ItemProgress(progress_dir, item.name)
+    try:
+        result = _run_item(item, root, env, lineage_env, lock, parallel, timeout_s, board)
+    except BaseException as err:
+        board.finished("failed", (str(err).strip().splitlines() or [type(err).__name__])[0][:300])
+        raise
+    board.finished(result)
+    if result == "skipped":
+        logger.info("%s: up to date, skipped", item.name)
+    else:
+        logger.info("%s: ran in %.1f s", item.name, time.monotonic() - t0)
+    return result
+
+
+def _run_item(item, root, env, lineage_env, lock, parallel, timeout_s, board) -> str:
+    """The body of :func:`run_stage`: ``ran`` or ``skipped``, or raise."""
     if not parallel:
+        cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", item.name]
         with _failing_runs_closed(item, lineage_env), lock:
-            proc = subprocess.run(
-                [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", item.name],
-                cwd=root,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
+            board.command_started()
+            proc = run_command(cmd, root, env, timeout_s, on_tick=board.tick)
             if proc.returncode != 0:
                 raise RuntimeError(
                     f"stage {item.name} failed:\n{(proc.stderr or proc.stdout)[-4000:]}"
                 )
         skipped = "didn't change, skipping" in proc.stdout or "is cached - skipping" in proc.stdout
-        logger.info("%s: %s", item.name, "up to date, skipped" if skipped else "ran")
         return "skipped" if skipped else "ran"
 
     with lock:
         if not is_stale(root, item.name):
-            logger.info("%s: up to date, skipped", item.name)
             return "skipped"
         for out in item.outs:  # as `dvc repro` does: a stage starts from no outputs
             p = Path(root) / out
@@ -255,8 +386,9 @@ def run_stage(
                 p.unlink()
     slots = _SLOTS.get(str(Path(root).resolve())) or contextlib.nullcontext()
     with _failing_runs_closed(item, lineage_env), slots:
-        logger.info("%s: running `%s`", item.name, item.cmd)
-        proc = run_command(item.cmd, root, env, timeout_s)
+        get_run_logger().info("%s: running `%s`", item.name, item.cmd)
+        board.command_started()
+        proc = run_command(item.cmd, root, env, timeout_s, on_tick=board.tick)
         if proc.returncode != 0:
             raise RuntimeError(
                 f"stage {item.name} failed (exit {proc.returncode}):\n"
@@ -266,7 +398,6 @@ def run_stage(
         commit = _dvc(root, "commit", "--force", item.name)
     if commit.returncode != 0:
         raise RuntimeError(f"dvc commit {item.name} failed:\n{commit.stderr[-2000:]}")
-    logger.info("%s: ran in %.1f s", item.name, time.monotonic() - t0)
     return "ran"
 
 
@@ -394,8 +525,6 @@ def publish_report(root: Path, parent, status: tuple[str, str]) -> Path | None:
     a Prefect table artifact. A broken report is logged, never fatal: the dashboard must not fail
     (or mask the failure of) the pipeline it reports on.
     """
-    import tempfile
-
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from mergeflow.report import write_report
@@ -425,6 +554,65 @@ def publish_report(root: Path, parent, status: tuple[str, str]) -> Path | None:
     return page
 
 
+def _console():
+    """Prefect's own console (so its log lines print above a live view), else stderr."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from rich.console import Console
+
+    for h in logging.getLogger().handlers:
+        if isinstance(h, PrefectConsoleHandler):
+            return h.console
+    return Console(stderr=True)
+
+
+def _where(parent, url: str, run_name: str, fid: str) -> dict[str, str]:
+    """Where to look after the run: the MLflow parent run and the Prefect flow run."""
+    try:
+        mlflow_at = parent.location() or "not tracked (MERGEFLOW_TRACKING=off)"
+    except Exception as err:  # noqa: BLE001 - a summary line, never a failure
+        mlflow_at = f"run {parent.run_id} ({type(err).__name__} reading it)"
+    prefect_at = url or f"flow run {run_name} ({fid}): `prefect flow-run inspect {fid}`"
+    return {"MLflow run": mlflow_at, "Prefect flow run": prefect_at}
+
+
+def best_merge(root: Path):
+    """The merge with the highest mean normalized accuracy in ``metrics/eval.json``, if any."""
+    from mergeflow.progress import BestMerge
+    from mergeflow.report.inputs import load_evaluation
+
+    ev, _ = load_evaluation(root)
+    name = ev.best_merge() if ev is not None else None
+    if name is None:
+        return None
+    row = ev.rows[name]
+    return BestMerge(
+        name, row["mean_normalized"], row.get("mean_normalized_ci"), row.get("mean_accuracy")
+    )
+
+
+def _summary(monitor, root: Path, wall_s: float, page, where: dict, status: str) -> None:
+    """Show the end-of-run block and keep it as the Prefect artifact ``run-summary``."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from mergeflow import progress
+
+    try:
+        best = best_merge(root)
+    except Exception:  # noqa: BLE001 - the report says why eval.json is unusable
+        best = None
+    block = progress.summary_block(
+        monitor.board, wall_s, best, {"dashboard": str(page or ""), **where}, status
+    )
+    monitor.print(block)
+    with contextlib.suppress(Exception):
+        create_markdown_artifact(
+            key="run-summary", markdown=f"```\n{progress.render_text(block)}\n```\n",
+            description="wall time per stage, skipped items, best merge, where to look",
+        )
+
+
 @flow(name="mergeflow-pipeline")
 def pipeline(
     root: str = str(ROOT),
@@ -450,9 +638,10 @@ def pipeline(
         register_model: Register the best merge in the MLflow Model Registry when ``evaluate`` ran.
         model_name: Registered model name.
     """
+    from prefect.futures import wait as wait_futures
     from prefect.runtime import flow_run
 
-    from mergeflow import remote, tracking
+    from mergeflow import progress, remote, tracking
 
     logger = get_run_logger()
     ws = Path(root).resolve()
@@ -465,33 +654,48 @@ def pipeline(
         plan = stage_plan(ws)
         _SLOTS[str(ws)] = threading.BoundedSemaphore(max(1, max_parallel))
         cpus = os.cpu_count() or 1
-        fid, url = str(flow_run.id or ""), flow_run.ui_url or ""
-        with tracking.flow_run(
-            f"flow {flow_run.name or 'local'}", ws, prefect_run_id=fid, prefect_run_url=url
-        ) as parent:
+        url = flow_run.ui_url or ""
+        fid, run_name = str(flow_run.id or ""), flow_run.name or "local"
+        t0 = time.monotonic()
+        with (
+            tracking.flow_run(f"flow {run_name}", ws, prefect_run_id=fid, prefect_run_url=url)
+            as parent,
+            tempfile.TemporaryDirectory(prefix="mergeflow-progress-") as progress_dir,
+        ):
             lineage_env = parent.env()
+            monitor = progress.Monitor(
+                progress_dir, [s.name for s in plan], console=_console(), log=logger.info
+            )
             futures: dict[str, Any] = {}
-            for item in plan:
-                fan = [s for s in plan if s.stage == item.stage and "@" in s.name]
-                width = min(max_parallel, len(fan)) if parallel and fan else 1
-                task_fn = run_stage.with_options(
-                    retries=IO_RETRIES if item.io_bound else 0,
-                    retry_delay_seconds=IO_RETRY_DELAY_S,
-                )
-                futures[item.name] = task_fn.submit(
-                    item,
-                    str(ws),
-                    lineage_env,
-                    parallel=parallel,
-                    timeout_s=stage_timeout_s,
-                    threads=max(1, cpus // width) if width > 1 else None,
-                    wait_for=[futures[u] for u in item.upstream if u in futures],
-                )
+            with monitor:
+                for item in plan:
+                    fan = [s for s in plan if s.stage == item.stage and "@" in s.name]
+                    width = min(max_parallel, len(fan)) if parallel and fan else 1
+                    task_fn = run_stage.with_options(
+                        retries=IO_RETRIES if item.io_bound else 0,
+                        retry_delay_seconds=IO_RETRY_DELAY_S,
+                    )
+                    futures[item.name] = task_fn.submit(
+                        item,
+                        str(ws),
+                        lineage_env,
+                        parallel=parallel,
+                        timeout_s=stage_timeout_s,
+                        threads=max(1, cpus // width) if width > 1 else None,
+                        progress_dir=progress_dir,
+                        wait_for=[futures[u] for u in item.upstream if u in futures],
+                    )
+                pending = list(futures.values())
+                while pending:  # the board moves while the items run
+                    pending = list(wait_futures(pending, timeout=TICK_S).not_done)
+                    monitor.tick()
+            where = _where(parent, url, run_name, fid)
             try:
                 results = {name: f.result() for name, f in futures.items()}
             except Exception as err:
                 why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                publish_report(ws, parent, ("failed", f"This flow run failed: {why}"))
+                page = publish_report(ws, parent, ("failed", f"This flow run failed: {why}"))
+                _summary(monitor, ws, time.monotonic() - t0, page, where, "failed")
                 raise
             ran = [k for k, v in results.items() if v == "ran"]
             logger.info("%d stage item(s) ran, %d up to date", len(ran), len(results) - len(ran))
@@ -510,10 +714,11 @@ def pipeline(
                         "registered %s v%s (champion: %s)", model_name, mv.version, mv.tags["promoted"]
                     )
             _publish_artifacts(ws, results)
-            publish_report(
-                ws, parent, ("ok", f"Flow run {flow_run.name or 'local'}: {len(ran)} stage item(s) "
+            page = publish_report(
+                ws, parent, ("ok", f"Flow run {run_name}: {len(ran)} stage item(s) "
                              f"ran, {len(results) - len(ran)} up to date")
             )
+            _summary(monitor, ws, time.monotonic() - t0, page, where, "finished")
     return results
 
 

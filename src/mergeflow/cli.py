@@ -131,19 +131,23 @@ def use_profile(
 def run(
     root: Annotated[Path, typer.Option(help="the mergeflow repo (with dvc.yaml)")] = Path("."),
 ) -> None:
-    """Run the whole pipeline as a Prefect flow (ephemeral local API unless PREFECT_API_URL)."""
+    """Run the whole pipeline as a Prefect flow (ephemeral local API unless PREFECT_API_URL).
+
+    While it runs: a live table of the stage items in a terminal (step, loss, rate, time left of
+    each running item), plain progress lines in a log; at the end one summary block (wall time
+    per stage, what was up to date, the best merge with its interval, where to look).
+    """
     # Prefect's ephemeral API gets 20 s to start by default; its first start (DB migrations)
     # on a busy 2-core machine takes longer, so the whole run would fail before any stage.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     sys.path.insert(0, str(root.resolve()))
     from flows.pipeline import pipeline
 
-    results = pipeline(root=str(root.resolve()))
-    ran = [k for k, v in results.items() if v == "ran"]
-    console.print(f"{len(ran)} stage(s) ran, {len(results) - len(ran)} up to date")
-    report = root / "reports" / "summary.md"
-    if report.is_file():
-        console.print(report.read_text())
+    try:
+        pipeline(root=str(root.resolve()))  # prints the summary block itself (also on a worker)
+    except Exception as err:  # noqa: BLE001 - the flow logged the details; one line here
+        lines = str(err).strip().splitlines()
+        _fail(RuntimeError(f"{lines[0] if lines else type(err).__name__} (details above)"))
 
 
 @app.command()

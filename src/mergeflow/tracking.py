@@ -160,6 +160,10 @@ class StageRun:
             with _logging("metrics"):
                 self._mlflow.log_metrics(flat, step=step)
 
+    def stream(self, interval_s: float = 5.0) -> MetricStream:
+        """Per-step metrics sent while the stage runs, batched (see :class:`MetricStream`)."""
+        return MetricStream(self._mlflow.MlflowClient(), self._run_id, interval_s)
+
     def outputs(self, paths: Mapping[str, str | Path]) -> None:
         """Record the md5 of each output artifact as a tag ``output.<name>.md5`` (hashed now)."""
         tags = {f"output.{k}.md5": tree_md5(p) for k, p in paths.items()}
@@ -186,6 +190,72 @@ class StageRun:
             self._mlflow.log_input(ds, context=context)
 
 
+class MetricStream:
+    """Per-step metrics (loss, validation accuracy ...) logged *while* a loop runs.
+
+    Values are buffered and sent as one ``MlflowClient.log_batch`` at most every ``interval_s``
+    seconds (and by :meth:`flush`, and on leaving the ``with`` block), so the MLflow UI's charts
+    move during training at a cost of one request per interval rather than one per step.
+    """
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch
+
+    def __init__(self, client, run_id: str, interval_s: float = 5.0, clock=None):
+        import time
+
+        self._client, self._run_id, self.interval_s = client, run_id, interval_s
+        self._clock = clock or time.monotonic
+        self._buf: list = []
+        self._sent_at = self._clock()
+        self.batches = 0
+
+    def log(self, values: Mapping[str, float], step: int) -> None:
+        """Queue ``values`` at ``step`` (timestamped now); send the queue if the interval passed."""
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buf += [Metric(k, float(v), ts, int(step)) for k, v in values.items()]
+        if self._clock() - self._sent_at >= self.interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send everything queued."""
+        self._sent_at = self._clock()
+        while self._buf:
+            batch, self._buf = self._buf[: self.BATCH], self._buf[self.BATCH :]
+            with _logging("metrics"):
+                self._client.log_batch(self._run_id, metrics=batch, synchronous=True)
+            self.batches += 1
+
+    def __enter__(self) -> MetricStream:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.flush()
+        else:  # keep what was measured, but never mask the error that ends the block
+            with contextlib.suppress(Exception):
+                self.flush()
+
+
+class _NoStream:
+    """Stands in for :class:`MetricStream` when lineage is off."""
+
+    def log(self, values: Mapping[str, float], step: int) -> None:
+        """Do nothing."""
+
+    def flush(self) -> None:
+        """Do nothing."""
+
+    def __enter__(self) -> _NoStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
 class _NoRun:
     """Stands in for :class:`StageRun` when lineage is off (``MERGEFLOW_TRACKING=off``)."""
 
@@ -193,6 +263,10 @@ class _NoRun:
 
     def metrics(self, values: Mapping[str, Any], step: int | None = None) -> None:
         """Do nothing."""
+
+    def stream(self, interval_s: float = 5.0) -> _NoStream:
+        """A stream that logs nothing."""
+        return _NoStream()
 
     def outputs(self, paths: Mapping[str, str | Path]) -> None:
         """Do nothing."""
@@ -334,6 +408,14 @@ class FlowRun:
         if self._prefect[1]:
             env["MERGEFLOW_FLOW_RUN_URL"] = self._prefect[1]
         return env
+
+    def location(self) -> str:
+        """Where to find this run: its URL on an MLflow server, else its id and the store."""
+        if not self.run_id:
+            return ""
+        exp = self._mlflow.MlflowClient().get_run(self.run_id).info.experiment_id
+        url = run_url(self.uri, exp, self.run_id)
+        return url or f"run {self.run_id} in {self.uri} (`mlflow ui --backend-store-uri {self.uri}`)"
 
     def record_workspace(
         self, root: str | Path, files: list[str] = (), commit: str | None = None

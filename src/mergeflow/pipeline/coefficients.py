@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mergeflow.io import atomic_dir, save_state_dict, write_bytes_atomic, write_
 from mergeflow.methods.params import check_config
 from mergeflow.pipeline.artifacts import experts_from_vectors
 from mergeflow.pipeline.context import MergeContext
+from mergeflow.progress import stage_progress
 from mergeflow.safety.dam import DamResult, DamSpec, dam
 from mergeflow.tracking import stage_run
 
@@ -126,6 +128,8 @@ class Fit:
     rc: dict
     common: dict
     tokenizer: object = None
+    on_step: Callable[[int, float], None] | None = None  # (step, loss) after every step
+    on_eval: Callable[[int, float], None] | None = None  # (step, mean normalized) per selection
 
     @property
     def inputs(self) -> tuple:
@@ -138,7 +142,7 @@ class Fit:
 
 
 def _adamerging(f: Fit):
-    return lc.adamerging(*f.inputs, **f.pick("lr", "init"), **f.common)
+    return lc.adamerging(*f.inputs, **f.pick("lr", "init"), **f.common, on_step=f.on_step)
 
 
 def _atlas(f: Fit):
@@ -150,6 +154,8 @@ def _atlas(f: Fit):
         pseudo_threshold=f.rc["pseudo_threshold"],
         **hp,
         **f.common,
+        on_step=f.on_step,
+        on_eval=f.on_eval,
     )
 
 
@@ -157,7 +163,7 @@ def _dam(f: Fit):
     init = f.ta_scaling if f.rc["over"] == "task_arithmetic" else f.rc["init"]
     hp = f.pick(
         "over", "lr", "mask_lr", "mask_init", "temperature", "adv_weight", "adv_lr", "trigger",
-        "candidates", "flip_threshold", "max_frequency", "trigger_tokens",
+        "candidates", "flip_threshold", "max_frequency", "trigger_tokens", "quarantine",
     )
     spec = DamSpec(init=init, **hp, **f.common)
     tok = f.tokenizer
@@ -166,12 +172,13 @@ def _dam(f: Fit):
         spec,
         special_ids=tok.all_special_ids if tok is not None else (),
         unk_id=tok.unk_token_id if tok is not None and tok.unk_token_id is not None else -1,
+        on_step=(lambda step, rec: f.on_step(step, rec["loss"])) if f.on_step else None,
     )
 
 
 def _concrete(f: Fit):
     hp = f.pick("over", "temperature", "mask_init", "mask_lr", "lr")
-    return lc.concrete(*f.inputs, scaling=f.ta_scaling, **hp, **f.common)
+    return lc.concrete(*f.inputs, scaling=f.ta_scaling, **hp, **f.common, on_step=f.on_step)
 
 
 # learned-run method (``coefficients.learned.<run>.method``) -> its learner
@@ -191,8 +198,14 @@ def learn_run(
     ta_scaling: float,
     out_dir: Path,
     checkpoint_dir: Path,
+    on_step: Callable[[int, float], None] | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> dict:
-    """Learn one run's coefficients and write its files into ``out_dir``; return its summary."""
+    """Learn one run's coefficients and write its files into ``out_dir``; return its summary.
+
+    ``on_step(step, loss)`` and ``on_eval(step, mean normalized accuracy)`` are called while the
+    run learns (live progress and MLflow curves); DAM reports its total loss, no evaluations.
+    """
     rc = lcfg.resolved()
     models, prefix = _models(ctx)
     scheme = lc.BlockScheme(rc["blocks"], rc["partitions"], seed)
@@ -209,7 +222,8 @@ def learn_run(
     t0 = time.monotonic()
     try:
         res = fit(
-            Fit(fm, models, prefix, train, select, reference, ta_scaling, rc, common, ctx.tokenizer)
+            Fit(fm, models, prefix, train, select, reference, ta_scaling, rc, common, ctx.tokenizer,
+                on_step, on_eval)
         )
     except lc.CoefficientDivergence as err:
         ckpt = Path(checkpoint_dir) / f"{name}.last_good.safetensors"
@@ -242,6 +256,7 @@ def learn_run(
         meta["dam"] = {
             "shared_density": res.shared_density,
             "detection_density": res.detection_density,
+            "flipped": res.flipped,
             "history": res.history,
             "triggers": {
                 t: [
@@ -269,6 +284,10 @@ def run(cfg: Params, paths: Paths) -> dict:
     ctx = MergeContext.load(cfg, paths.base, paths.experts, paths.task_vectors)
     val = ctx.batches(paths.data, "val")
     experts = experts_from_vectors(ctx.base, ctx.task_vectors)
+    learned_cfg = cfg.coefficients.learned if cfg.coefficients.run_learned else {}
+    # read by `mergeflow run` (inactive under a bare `dvc repro`): the grid, then each learned run
+    progress = stage_progress("coefficients", phases=1 + len(learned_cfg))
+    progress.phase("scaling grid", len(cfg.evaluate.methods) * len(cfg.coefficients.grid), "merge")
     result, rows = {}, []
     for name in cfg.evaluate.methods:
         hp = method_hyperparams(cfg, name, paths.masks)
@@ -279,11 +298,11 @@ def run(cfg: Params, paths: Paths) -> dict:
             del merged
             scores[lam] = sum(acc.values()) / len(acc)
             rows.append({"method": name, "scaling": lam, "val_mean_accuracy": scores[lam]})
+            progress.update(len(rows))
         best = max(scores, key=lambda lam: (scores[lam], -lam))
         result[name] = {"scaling": best, "val_mean_accuracy": scores[best], "hyperparams": hp}
     del experts
     ta_scaling = result.get("task_arithmetic", {}).get("scaling", cfg.coefficients.concrete_scaling)
-    learned_cfg = cfg.coefficients.learned if cfg.coefficients.run_learned else {}
     with stage_run(
         "coefficients",
         {"coefficients": cfg.coefficients.model_dump(), "evaluate.methods": cfg.evaluate.methods},
@@ -296,9 +315,22 @@ def run(cfg: Params, paths: Paths) -> dict:
                 torch.manual_seed(cfg.seed)
                 data = LearnedData(ctx, paths.data)
                 for name, lcfg in learned_cfg.items():
-                    meta = learn_run(
-                        name, lcfg, ctx, data, cfg.seed, ta_scaling, tmp, paths.out.parent
-                    )
+                    progress.phase(f"learn {name}", lcfg.resolved()["steps"])
+                    with tr.stream() as live:  # the MLflow curves move while α is learned
+
+                        def on_step(step: int, loss: float, name: str = name) -> None:
+                            live.log({f"{name}.loss": loss}, step=step)
+                            progress.update(step, loss=loss)
+
+                        def on_eval(step: int, score: float, name: str = name) -> None:
+                            live.log({f"{name}.val_mean_normalized": score}, step=step)
+                            live.flush()
+                            progress.update(step, val_normalized=score)
+
+                        meta = learn_run(
+                            name, lcfg, ctx, data, cfg.seed, ta_scaling, tmp, paths.out.parent,
+                            on_step=on_step, on_eval=on_eval,
+                        )
                     result[name] = {
                         "scaling": "learned",
                         "learned": f"{name}.safetensors",
@@ -326,8 +358,6 @@ def run(cfg: Params, paths: Paths) -> dict:
                         )
                         labels = "labels used" if u["labels_used"] else "labels NOT used"
                         use["runs"].append(f"{name} ({labels})")
-                    for i, loss in enumerate(meta["losses"], start=1):
-                        tr.metrics({f"{name}.loss": loss}, step=i)
                     tr.metrics(
                         {f"{name}.seconds": meta["seconds"], f"{name}.best_step": meta["best_step"]}
                     )

@@ -19,6 +19,7 @@ from mergeflow.models.inference import accuracy, tokenize
 from mergeflow.models.lora import wrap_lora
 from mergeflow.models.train import finetune, linear_probe
 from mergeflow.pipeline.artifacts import PROBE_HEAD, label_names
+from mergeflow.progress import stage_progress
 from mergeflow.safety.threat import encoder_threat_expert, freeze_head
 from mergeflow.tracking import stage_run
 
@@ -106,17 +107,35 @@ def run(cfg: Params, paths: Paths) -> dict:
         "finetune": ft.model_dump(),
         "base_model": cfg.base_model.model_dump(),
     }
+    item = f"finetune@{paths.task}"
+    progress = stage_progress(item)  # read by `mergeflow run` (a bare `dvc repro`: inactive)
+    progress.phase("fine-tune", ft.steps)
     with stage_run(
-        f"finetune@{paths.task}",
+        item,
         params,
         inputs={"data": paths.data, "base": paths.base},
         tags={"task": paths.task},
-    ) as tr:
+    ) as tr, tr.stream() as live:
         base_head = probe_head(cfg, paths, tok, texts, labels, names)
         bar = tqdm(total=ft.steps, desc=f"finetune {paths.task}", unit="step")
         val_batches = tokenize(
             tok, vtexts, vlabels, max_length=cfg.base_model.max_length, batch_size=64
         )
+        logged: set[tuple[str, int]] = set()
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            live.log({"train_loss": loss}, step=step)  # the MLflow chart moves while training
+            logged.add(("loss", step))
+            progress.update(step + 1, loss=loss)
+
+        def on_eval(step: int, acc: float) -> None:
+            live.log({"val_accuracy_during_training": acc}, step=step)
+            live.flush()
+            logged.add(("val", step))
+            progress.update(step, val_accuracy=acc)
+
         res = finetune(
             trained,
             tok,
@@ -132,7 +151,8 @@ def run(cfg: Params, paths: Paths) -> dict:
             seed=cfg.seed,
             head_init="random" if frozen_head else ft.head_init,  # "random": head kept as is
             probe_epochs=ft.probe_epochs,
-            progress=lambda s, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+            progress=on_step,
+            on_eval=on_eval,
             resume_dir=resume_dir(paths.out),
             checkpoint_every=ft.checkpoint_every,
             fingerprint=run_fingerprint(cfg, paths),
@@ -141,10 +161,14 @@ def run(cfg: Params, paths: Paths) -> dict:
             patience=ft.patience,
         )
         bar.close()
+        # steps restored from a resume point ran in an earlier process: log them too
         for i, loss in enumerate(res.losses):
-            tr.metrics({"train_loss": loss}, step=i)
+            if ("loss", i) not in logged:
+                live.log({"train_loss": loss}, step=i)
         for step, acc in res.val_history:
-            tr.metrics({"val_accuracy_during_training": acc}, step=step)
+            if ("val", step) not in logged:
+                live.log({"val_accuracy_during_training": acc}, step=step)
+        live.flush()
         with atomic_dir(paths.out) as tmp:
             if ft.mode == "lora":
                 trained.save_pretrained(tmp / "adapter", safe_serialization=True)
