@@ -87,7 +87,7 @@ def check(remote: S3Remote, timeout_s: float = 5.0) -> None:
     from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    cfg = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 1})
+    cfg = Config(connect_timeout=timeout_s, read_timeout=timeout_s, retries={"total_max_attempts": 1})
     try:
         s3 = boto3.client("s3", endpoint_url=remote.endpoint, config=cfg)
         s3.head_bucket(Bucket=remote.bucket)
