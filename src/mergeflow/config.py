@@ -149,6 +149,9 @@ class LearnedCfg(_Section):
     candidates: Annotated[Int, Field(ge=1, le=1024)] = 16
     flip_threshold: Probability = 0.9
     max_frequency: Probability = 0.01
+    # the separate quarantine defence (DAM "token" only): rare trigger words' embedding rows read
+    # as [UNK]; off (default), DAM is its masks alone (issue 25)
+    quarantine: bool = False
 
     @field_validator("blocks")
     @classmethod

@@ -34,10 +34,12 @@ objective L_total = L_perf + β·L_safe optimized alternately:
 
 For text, ``trigger="token"`` (the pipeline's default) replaces the soft trigger by a discrete
 search: :func:`find_triggers` looks for single words that flip a task's predictions (gradient
-candidates and the most-changed rows of each expert's τ on the word embeddings), the safety loss
-uses the word found, and trigger words rare in the clean texts are quarantined (their embedding
-rows read as the unknown token) — the step that removes a backdoor kept by a poisoned expert's
-own classification head, which masks on τ cannot reach (docs/merge-safety.md, "Why masks on τ cannot remove this backdoor").
+candidates and the most-changed rows of each expert's τ on the word embeddings) and the safety
+loss uses the word found. **Quarantine** is a separate defence with its own switch
+(``quarantine``, off by default): trigger words rare in the clean texts get their embedding rows
+replaced by the unknown token's — an input filter, not part of DAM's masks; it removes a backdoor
+kept by a poisoned expert's own classification head, which masks on τ cannot reach
+(docs/merge-safety.md). :attr:`DamResult.flipped` reports the share of mask entries DAM turned off.
 
 The final masks are binary, 1[ℓ_s > 0]·1[ℓ_b > 0] (the repo's Concrete convention; the official
 code evaluates a continuous mask rescaled by its mean), stored as one shared mask so
@@ -92,6 +94,8 @@ class DamSpec:
     flip_threshold: float = 0.9  # "token": a word is a trigger iff it flips ≥ this of a task
     probe_size: int = 32  # "token": unlabeled inputs per task used for the inversion
     max_frequency: float = 0.01  # "token": quarantine a trigger in ≤ this of the clean texts
+    # the separate quarantine defence ("token" only): off, DAM is its masks alone
+    quarantine: bool = False
 
     def __post_init__(self):
         if self.over not in ("task_arithmetic", "adamerging"):
@@ -165,6 +169,7 @@ class DamResult(LearnResult):
     history: list[dict] = field(default_factory=list)
     triggers: dict[str, list[TokenTrigger]] = field(default_factory=dict)  # "token", per task
     quarantine: Quarantine | None = None  # "token": trigger words whose rows were neutralised
+    flipped: float = 0.0  # share of entries of the combined mask M_b ⊙ M_s that are 0
 
 
 def embedding_key(model: torch.nn.Module, prefix: str) -> str:
@@ -476,12 +481,12 @@ def dam(
     at least ``flip_threshold`` of its probe inputs to one class. Only tasks with such a word get
     the safety loss (a clean merge keeps M_b = 1: the detection mask is never updated without a
     suspect), L_safe = Σ_t CE(f_t(x ⊕ w_t; θ), ŷ_t(x)) with the word's embedding read from θ.
-    Trigger words that occur in at most ``max_frequency`` of the unlabeled texts are also
-    **quarantined**: their word-embedding rows in the merged encoder are replaced by the
-    unknown token's (``unk_id``; a zero row without one). Masks act on τ only, and each task
-    keeps its own expert's classification head — a head fine-tuned on poisoned data keeps the
-    backdoor on θ_0's own embedding of the trigger (measured: the base encoder with the
-    poisoned head still has ASR 0.90), so only changing what the word reads as removes it.
+    With ``spec.quarantine`` on, trigger words that occur in at most ``max_frequency`` of the
+    unlabeled texts are also **quarantined** (a separate defence): their word-embedding rows in
+    the merged encoder are replaced by the unknown token's (``unk_id``; a zero row without one).
+    Masks act on τ only, and each task keeps its own expert's classification head — a head
+    fine-tuned on poisoned data keeps the backdoor on θ_0's own embedding of the trigger, which
+    only the quarantine removes (``safety.poison.threat: encoder`` keeps heads clean instead).
 
     Args:
         fm: The functional merge over θ_0 and every task vector; ``task`` block scheme.
@@ -561,7 +566,7 @@ def dam(
         del enc0
         freq = text_frequency(unlabeled, fm.base[emb_key].shape[0])
         words = sorted({tr.token_id for trs in found.values() for tr in trs})
-        rows = [w for w in words if float(freq[w]) <= spec.max_frequency]
+        rows = [w for w in words if spec.quarantine and float(freq[w]) <= spec.max_frequency]
         quarantine = Quarantine(key=emb_key, rows=tuple(rows), source=unk_id)
     suspects = {t: trs[0] for t, trs in found.items() if trs}
 
@@ -659,6 +664,7 @@ def dam(
         best_step=spec.steps,
         shared_density=density(final_s),
         detection_density=density(final_b),
+        flipped=1.0 - density(final),
         history=history,
         triggers=found,
         quarantine=quarantine,
