@@ -112,6 +112,18 @@ def merge_command(
                     for e in exc.errors()
                 )
             ) from None
+        adapters = [t for t, p in r.experts.items() if (Path(p) / "adapter_config.json").is_file()]
+        if adapters:  # peft LoRA/DoRA adapters: merged in weight space (mergeflow.engine.lora)
+            from mergeflow.engine.lora import merge_lora_adapters
+
+            if len(adapters) != len(r.experts):
+                raise MergeError(
+                    f"--expert '{adapters[0]}' is a peft adapter, the others are not: merge "
+                    "adapters with adapters, checkpoints with checkpoints"
+                )
+            merge_lora_adapters(r.experts, r.out, r.method, base=r.base, force=force, **r.params)
+            console.print(f"merged {len(adapters)} peft adapters with {r.method} into {r.out}")
+            return
         rep = merge_checkpoints(
             r.method,
             r.base,
