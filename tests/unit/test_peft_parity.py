@@ -182,3 +182,43 @@ def test_lora_lego_reproduces_one_adapter_with_alpha_pattern(case, tmp_path):
     a = make_adapter(tmp_path / "a", 1, **CASES[case])
     lego.write_adapter({"a": a}, tmp_path / "out", rank=4, seed=0)
     assert_model_close(peft_merged(tmp_path / "out"), peft_merged(a))
+
+
+def test_mergeflow_merge_command_merges_dora_adapters(base, tmp_path):
+    """``mergeflow merge`` with peft adapters as experts: the DoRA weighted merge above, and a
+    non-linear method refused with one ``error:`` line naming DoRA (exit 2, nothing written)."""
+    from typer.testing import CliRunner
+
+    from mergeflow.cli import app
+
+    sd0, base_path = base
+    a = make_adapter(tmp_path / "a", 1, use_dora=True)
+    b = make_adapter(tmp_path / "b", 2, use_dora=True)
+    ta, tb = peft_merged(a), peft_merged(b)
+    args = ["merge", "--base", str(base_path), "--expert", f"a={a}", "--expert", f"b={b}"]
+    out = tmp_path / "out"
+    res = CliRunner().invoke(
+        app,
+        [*args, "--method", "ties", "--out", str(out), "--set", "density=0.5"],
+    )
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert lines[0].startswith("error: DoRA adapters merge with task_arithmetic only")
+    assert not out.exists()
+    res = CliRunner().invoke(
+        app,
+        [
+            *args,
+            "--method",
+            "task_arithmetic",
+            "--out",
+            str(out),
+            "--set",
+            "scaling=0.5",
+            "--set",
+            "weights={a: 1.0, b: -1.0}",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    want = {k: v + 0.5 * ((ta[k] - v) - (tb[k] - v)) for k, v in sd0.items()}
+    assert_model_close(peft_merged(out), want, atol=2e-5)
