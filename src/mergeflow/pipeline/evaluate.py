@@ -20,6 +20,7 @@ from mergeflow import compression, methods, stats
 from mergeflow.coefficients import rebuild
 from mergeflow.compression import twin
 from mergeflow.config import Params
+from mergeflow.data import read_meta
 from mergeflow.io import write_bytes_atomic, write_json_atomic
 from mergeflow.methods.params import check_config
 from mergeflow.models.lora import lora_delta, read_adapter
@@ -237,6 +238,16 @@ def pareto_markdown(rows: list[dict]) -> str:
     return out
 
 
+def tasks_markdown(data_root: Path, tasks: list[str]) -> str:
+    """The report's table of tasks: classes, input kind (a text or a sentence pair), source."""
+    out = "| task | classes | input | source |\n|---|---|---|---|\n"
+    for t in tasks:
+        meta = read_meta(Path(data_root) / t)
+        kind = "text + text_pair (encoded as a pair)" if meta.get("pair") else "text"
+        out += f"| {t} | {', '.join(meta['label_names'])} | {kind} | {meta.get('source', '')} |\n"
+    return out
+
+
 def run(cfg: Params, paths: Paths) -> dict:
     """Score every model on every task's test split; write metrics, plot data and a report."""
     check_config(cfg)  # the merge methods in params.yaml (see methods.params.check_config)
@@ -330,6 +341,8 @@ def run(cfg: Params, paths: Paths) -> dict:
         f"expert ({sizes['bytes_experts'] / 1e6:.1f} MB for {len(ctx.tasks)} tasks; a merged model "
         f"is {sizes['bytes_merged'] / 1e6:.1f} MB). Plot: `dvc plots show plots/pareto.csv`.\n\n"
         + pareto_markdown(pareto)
+        + "\n## Tasks\n\n"
+        + tasks_markdown(paths.data, ctx.tasks)
     )
     with stage_run(
         "evaluate",
