@@ -52,7 +52,7 @@ def export_merged_model(root: Path, dest: Path) -> dict:
     from mergeflow.yamlio import load_yaml_file
 
     params = load_yaml_file(root / "params.yaml")
-    tasks = list(params["tasks"])
+    tasks = [*params["tasks"], *(params.get("local_tasks") or {})]  # catalogue, then local
     method, coef, summary = best_merge(root)
     base = load_base_encoder(root / "models" / "base")
     tvs = load_task_vectors(root / "artifacts" / "task_vectors", tasks)

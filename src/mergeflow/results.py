@@ -40,7 +40,7 @@ def experts_summary(root: Path) -> dict[str, dict[str, Any]]:
     """Per task: validation accuracy, kept step and steps run of the expert (early stopping)."""
     params = load_yaml_file(root / "params.yaml")
     out = {}
-    for task in params["tasks"]:
+    for task in [*params["tasks"], *(params.get("local_tasks") or {})]:  # catalogue, then local
         meta = json.loads((root / "models/experts" / task / "expert.json").read_text())
         out[task] = {
             k: meta.get(k) for k in ("val_accuracy", "best_step", "steps_run", "val_history")
