@@ -364,6 +364,13 @@ class Params(_Section):
             raise ValueError(f"unknown device {v!r}; use cpu, cuda, cuda:N or mps")
         return v
 
+    def stage_item(self, stage: str, task: str) -> str:
+        """The DVC item that runs per-task ``stage`` for ``task`` (MLflow runs, progress use it).
+
+        ``prepare@fever`` for a catalogue task, ``prepare_local@my_nli`` for a local one.
+        """
+        return f"{stage}_local@{task}" if task in self.local_tasks else f"{stage}@{task}"
+
     @model_validator(mode="before")
     @classmethod
     def _append_local_tasks(cls, data: Any) -> Any:

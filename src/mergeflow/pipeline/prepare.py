@@ -95,7 +95,7 @@ def run(cfg: Params, paths: Paths) -> dict:
     if cfg.safety.enabled and poison is not None and poison.task == paths.task:
         extra["poison"] = poison_train(splits, poison, len(names))
     with stage_run(
-        f"prepare@{paths.task}",
+        cfg.stage_item("prepare", paths.task),
         {"seed": cfg.seed, "data": cfg.data.model_dump()}
         | ({"safety.poison": poison.model_dump()} if extra else {}),
         tags={"task": paths.task, "source": spec.source},
