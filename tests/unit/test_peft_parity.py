@@ -222,3 +222,21 @@ def test_mergeflow_merge_command_merges_dora_adapters(base, tmp_path):
     assert res.exit_code == 0, res.output
     want = {k: v + 0.5 * ((ta[k] - v) - (tb[k] - v)) for k, v in sd0.items()}
     assert_model_close(peft_merged(out), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["alpha-anchored", "dora"])
+def test_pipeline_task_vector_equals_peft(case, base, tmp_path):
+    """The task_vectors stage's τ of a LoRA-mode expert (``<expert>/adapter``) is peft's
+    ``merge_and_unload`` minus θ_0 (DoRA: the stage hands θ_0 to the adapter reader)."""
+    from mergeflow.pipeline.task_vectors import expert_task_vector
+
+    sd0, _ = base
+    make_adapter(tmp_path / "t" / "adapter", 1, **CASES[case])
+    (tmp_path / "t" / "expert.json").write_text(json.dumps({"encoder_prefix": "bert"}))
+    enc = {k.removeprefix("bert."): v for k, v in sd0.items() if k.startswith("bert.")}
+    tv = expert_task_vector(enc, tmp_path / "t")
+    want = peft_merged(tmp_path / "t" / "adapter")
+    assert any(v.abs().max() > 0.01 for v in tv.values())
+    assert_model_close(
+        {k: enc[k] + tv[k] for k in tv}, {k: want["bert." + k] for k in tv}, atol=2e-5
+    )
