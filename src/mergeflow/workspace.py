@@ -33,6 +33,20 @@ PIPELINE_FILES = (
 )
 
 
+def _copy_local_task_files(src_root: Path, dest: Path, params: Any) -> None:
+    """Copy the files of ``local_tasks`` entries that live in ``src_root`` (their DVC deps)."""
+    local = params.get("local_tasks") if isinstance(params, dict) else None
+    for entry in (local or {}).values():
+        rel = Path(str(entry.get("path", ""))) if isinstance(entry, dict) else None
+        if rel is None or rel.is_absolute() or not (src_root / rel).exists():
+            continue  # absolute paths stay where they are; a missing file fails in prepare
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        if (src_root / rel).is_dir():
+            shutil.copytree(src_root / rel, dest / rel, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src_root / rel, dest / rel)
+
+
 def make_workspace(
     src_root: Path, dest: Path, profile: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> Path:
@@ -43,6 +57,7 @@ def make_workspace(
         dest: An empty directory.
         profile: A YAML file of params overrides (merged first).
         overrides: More overrides (merged last); may be invalid on purpose (tests of bad input).
+            The files of ``local_tasks`` entries found under ``src_root`` are copied too.
 
     Returns:
         ``dest``.
@@ -67,7 +82,9 @@ def make_workspace(
         check_config(parse_params(merged, source=str(profile)), str(profile))
         update_roundtrip(doc, override)
     update_roundtrip(doc, overrides or {})
-    (dest / "params.yaml").write_text(dump_yaml_roundtrip(doc, text))
+    final = dump_yaml_roundtrip(doc, text)
+    (dest / "params.yaml").write_text(final)
+    _copy_local_task_files(src_root, dest, load_yaml(final, str(dest / "params.yaml")))
     dvc = [sys.executable, "-m", "dvc"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run(

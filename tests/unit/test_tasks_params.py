@@ -127,3 +127,29 @@ def test_a_missing_local_file_names_the_entry(tmp_path, monkeypatch, capsys):
         stage_main("mergeflow.pipeline.prepare", ["--task", "x", "--out", "out"])
     err = capsys.readouterr().err.strip()
     assert err == "error: local_tasks.x: data/nli.csv does not exist", err
+
+
+def test_a_workspace_copy_carries_the_local_task_files(tmp_path: Path):
+    """make_workspace (e2e tests, benchmarks) copies a local task's file: it is a stage dep."""
+    import subprocess
+    import sys
+
+    from mergeflow.workspace import make_workspace
+
+    src, dest = tmp_path / "repo", tmp_path / "ws"
+    src.mkdir()
+    dest.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=src, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=src, check=True)
+    (src / "params.yaml").write_text("tasks: []\nlocal_tasks: {}\n")
+    (src / "data" / "nli").mkdir(parents=True)
+    (src / "data" / "nli" / "part.jsonl").write_text('{"text": "a", "label": 0}\n')
+    (src / "data" / "x.csv").write_text("text,label\na,0\n")
+    make_workspace(
+        src,
+        dest,
+        overrides={"local_tasks": {"x": {"path": "data/x.csv"}, "d": {"path": "data/nli"}}},
+    )
+    assert (dest / "data" / "x.csv").read_text() == "text,label\na,0\n"
+    assert (dest / "data" / "nli" / "part.jsonl").is_file()
+    assert load_params(dest / "params.yaml").tasks == ("x", "d")
