@@ -107,7 +107,7 @@ def run(cfg: Params, paths: Paths) -> dict:
         "finetune": ft.model_dump(),
         "base_model": cfg.base_model.model_dump(),
     }
-    item = f"finetune@{paths.task}"
+    item = cfg.stage_item("finetune", paths.task)  # finetune_local@<task> for a local task
     progress = stage_progress(item)  # read by `mergeflow run` (a bare `dvc repro`: inactive)
     progress.phase("fine-tune", ft.steps)
     with stage_run(
