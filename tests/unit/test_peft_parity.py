@@ -240,3 +240,73 @@ def test_pipeline_task_vector_equals_peft(case, base, tmp_path):
     assert_model_close(
         {k: enc[k] + tv[k] for k in tv}, {k: want["bert." + k] for k in tv}, atol=2e-5
     )
+
+
+def test_gpt2_conv1d_dora_fan_in_fan_out(tmp_path):
+    """GPT-2's Conv1D stores W as (in × out) (``fan_in_fan_out``): DoRA's norm is still per
+    output feature. One DoRA adapter at weight 0.5 against peft (the pipeline's τ and a merge)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    def gpt2():
+        torch.manual_seed(0)
+        cfg = GPT2Config(
+            n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=100, pad_token_id=0
+        )
+        return GPT2ForSequenceClassification(cfg).eval()
+
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=4,
+        lora_alpha=8,
+        target_modules=["c_attn"],
+        fan_in_fan_out=True,
+        use_dora=True,
+    )
+    pm = get_peft_model(gpt2(), config)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    pm.save_pretrained(tmp_path / "a")
+    sd0 = {k: v.contiguous() for k, v in gpt2().state_dict().items()}
+    save_file(sd0, str(tmp_path / "base.safetensors"))
+    full = PeftModel.from_pretrained(gpt2(), str(tmp_path / "a")).merge_and_unload().state_dict()
+    enc = {
+        k.removeprefix("transformer."): v for k, v in sd0.items() if k.startswith("transformer.")
+    }
+    delta = lora_delta(*read_adapter(tmp_path / "a"), "transformer", enc)
+    assert set(delta) == {"h.0.attn.c_attn.weight", "h.1.attn.c_attn.weight"}
+    for k, v in delta.items():
+        torch.testing.assert_close(enc[k] + v, full["transformer." + k], atol=1e-5, rtol=1e-5)
+    merge_lora_adapters(
+        {"a": tmp_path / "a"}, tmp_path / "out", scaling=0.5, base=tmp_path / "base.safetensors"
+    )
+    got = PeftModel.from_pretrained(gpt2(), str(tmp_path / "out")).merge_and_unload().state_dict()
+    assert_model_close(got, {k: v + 0.5 * (full[k] - v) for k, v in sd0.items() if k in got})
+
+
+def test_adapters_merged_wrongly_as_plain_lora_are_refused():
+    """A LoRA variant or tensor kind this code would silently treat as W + s·B·A is refused."""
+    from mergeflow.models.lora import lora_modules
+
+    g = torch.Generator().manual_seed(0)
+    m = "base_model.model.enc.query"
+    sd = {
+        f"{m}.lora_A.weight": torch.randn(2, 4, generator=g),
+        f"{m}.lora_B.weight": torch.randn(4, 2, generator=g),
+    }
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4}
+    assert lora_modules(sd, cfg)[m].scaling == 2.0
+    with pytest.raises(AdapterError, match="lora_bias"):
+        lora_modules(sd, {**cfg, "lora_bias": True})
+    with pytest.raises(AdapterError, match="lora_embedding_A"):
+        lora_modules({**sd, "base_model.model.emb.lora_embedding_A": torch.ones(2, 5)}, cfg)
+    with pytest.raises(AdapterError, match="rank 2, but its adapter_config"):
+        lora_modules(sd, {**cfg, "rank_pattern": {"query": 8}})
+    with pytest.raises(AdapterError, match="use_dora is not set"):
+        lora_modules({**sd, f"{m}.lora_magnitude_vector": torch.ones(4)}, cfg)
+    with pytest.raises(AdapterError, match="use_dora is set"):
+        lora_modules(sd, {**cfg, "use_dora": True})
