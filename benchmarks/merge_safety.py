@@ -60,6 +60,7 @@ def _params(args) -> dict:
                     "target": args.target,
                     "seed": 0,
                     "max_position": 8,
+                    "threat": args.threat,
                 },
             },
         },
@@ -104,6 +105,12 @@ def main() -> None:
     ap.add_argument("--poison", default="rotten_tomatoes")
     ap.add_argument("--rate", type=float, default=0.1)
     ap.add_argument("--target", type=int, default=0)
+    ap.add_argument(
+        "--threat",
+        choices=["encoder", "model"],
+        default="encoder",
+        help="encoder: the poisoned expert's head is a clean probe, frozen (mergeflow.safety.threat)",
+    )
     ap.add_argument("--n-train", type=int, default=320)
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--max-length", type=int, default=32)
@@ -131,9 +138,16 @@ def main() -> None:
     from mergeflow import methods
     from mergeflow.config import parse_params
     from mergeflow.pipeline.artifacts import experts_from_vectors
-    from mergeflow.pipeline.audit import model_asr, poison_spec, triggered_batches
+    from mergeflow.pipeline.audit import (
+        clean_batches,
+        head_split_counts,
+        model_asr,
+        poison_spec,
+        triggered_batches,
+    )
     from mergeflow.pipeline.context import MergeContext
     from mergeflow.safety import DamSpec, SomfSpec, dam, somf, somf_merged
+    from mergeflow.stats import paired_bootstrap, wilson
 
     torch.manual_seed(0)
     if args.threads:
@@ -156,6 +170,25 @@ def main() -> None:
     experts = experts_from_vectors(ctx.base, ctx.task_vectors)
     rows: dict[str, dict] = {}
     expert_acc = {}
+    per_text: dict[str, dict] = {}
+    clean_train = clean_batches(
+        ws / "data/tasks", args.poison, ctx.tokenizer, cfg.base_model.max_length, 64
+    )
+    base_head: dict = {}
+
+    def split(encoder: dict) -> dict:
+        """ASR (k, n) under the own head, a clean head over this encoder, θ_0's clean head."""
+        counts, fitted = head_split_counts(
+            ctx, encoder, args.poison, trig[args.poison], clean_train, base_head.get("h"),
+            spec.target, epochs=cfg.finetune.probe_epochs, seed=cfg.seed,
+        )  # fmt: skip
+        base_head.setdefault("h", fitted)
+        return {
+            k: {"asr": a / n, "ci": list(wilson(a, n)), "k": a, "n": n}
+            for k, (a, n) in counts.items()
+        }
+
+    rows["base"] = {"scaling": None, "clean": {}, "split": split(ctx.base)}
     from mergeflow.pipeline.artifacts import expert_prefix, load_expert
 
     for t in ctx.tasks:
@@ -167,19 +200,28 @@ def main() -> None:
                 "scaling": None,
                 "clean": {t: expert_acc[t]},
                 "asr": model_asr(ctx, enc, trig, spec.target)[t],
+                "split": split(enc),
             }
 
     def record(name: str, merged: dict, scaling, extra: dict | None = None) -> None:
-        acc = ctx.score(merged, test)
+        per_text[name] = ctx.correct(merged, test)
+        acc = {t: float(c.float().mean()) for t, c in per_text[name].items()}
         norm = {t: acc[t] / expert_acc[t] for t in ctx.tasks}
+        sp = split(merged)
         rows[name] = {
             "scaling": scaling,
             "clean": acc,
             "mean_accuracy": sum(acc.values()) / len(acc),
             "mean_normalized": sum(norm.values()) / len(norm),
-            "asr": model_asr(ctx, merged, trig, spec.target)[args.poison],
+            "asr": sp["own"]["asr"],
+            "asr_ci": sp["own"]["ci"],
+            "n_triggered": sp["own"]["n"],
+            "split": sp,
             **(extra or {}),
         }
+        if name != "task_arithmetic" and "task_arithmetic" in per_text:
+            d = paired_bootstrap(per_text[name], per_text["task_arithmetic"])
+            rows[name]["mean_acc_minus_ta"] = d
         print(
             f"{name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'clean'})}",
             flush=True,
@@ -226,6 +268,8 @@ def main() -> None:
             trigger=args.dam_trigger,
             flip_threshold=args.dam_flip_threshold,
             candidates=args.dam_candidates,
+            # the masks never read the switch: one run gives DAM alone and DAM + quarantine
+            quarantine=args.dam_trigger == "token",
         ),
         on_step=lambda s, r: print(f"  dam step {s}: {r}", flush=True),
         special_ids=ctx.tokenizer.all_special_ids,
@@ -240,17 +284,20 @@ def main() -> None:
         print(f"  quarantined: {[words(w) for w in res.quarantine.rows]}")
     with torch.no_grad():
         enc = fm.merged(res.alpha, res.mask)
-        if res.quarantine is not None:
+        merged = {k: v.to(ctx.base[k].dtype) for k, v in enc.items()}
+        record("dam (masks only)", merged, ta_lam, {"flipped": res.flipped})
+        if res.quarantine is not None and res.quarantine.rows:
             ta_enc = fm.merged(fm.full_alpha(ta_lam))
             q = {k: v.to(ctx.base[k].dtype) for k, v in res.quarantine.apply(ta_enc).items()}
             record("quarantine over TA", q, ta_lam, {"rows": len(res.quarantine.rows)})
             enc = res.quarantine.apply(enc)
         merged = {k: v.to(ctx.base[k].dtype) for k, v in enc.items()}
     record(
-        "dam",
+        "dam + quarantine",
         merged,
         ta_lam,
         {
+            "flipped": res.flipped,
             "shared_density": res.shared_density,
             "detection_density": res.detection_density,
             "seconds": dam_s,
@@ -290,22 +337,35 @@ def main() -> None:
         f"\nworkspace {ws}; experts trained in {train_s:.0f} s; poisoned {args.poison} "
         f"(rate {args.rate}, target {args.target}); {len(ctx.tasks)} tasks"
     )
+    def ci(x: dict) -> str:
+        return f"{x['asr']:.3f} [{x['ci'][0]:.2f}, {x['ci'][1]:.2f}]"
+
     print(
-        "| method | λ | mean acc | mean normalized | Δ norm vs TA (pts) | ASR | Δ ASR vs TA (pts) |"
+        "| method | λ | mean acc | Δ mean acc vs TA (pts) [95 % CI] | mean normalized | "
+        "ASR [95 % CI] | Δ ASR vs TA (pts) | mask flipped |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         if "mean_normalized" not in r:
-            print(
-                f"| {name} | – | {r['clean'][args.poison]:.3f} ({args.poison}) | – | – | "
-                f"{r['asr']:.3f} | – |"
-            )
             continue
-        print(
-            f"| {name} | {r['scaling']} | {r['mean_accuracy']:.3f} | {r['mean_normalized']:.3f} | "
-            f"{100 * (r['mean_normalized'] - ta['mean_normalized']):+.1f} | {r['asr']:.3f} | "
-            f"{100 * (r['asr'] - ta['asr']):+.1f} |"
+        d = r.get("mean_acc_minus_ta")
+        dd = (
+            f"{100 * d['diff']:+.1f} [{100 * d['ci'][0]:+.1f}, {100 * d['ci'][1]:+.1f}]"
+            if d
+            else "0"
         )
+        fl = f"{100 * r['flipped']:.2f} %" if "flipped" in r else "–"
+        print(
+            f"| {name} | {r['scaling']} | {r['mean_accuracy']:.3f} | {dd} | "
+            f"{r['mean_normalized']:.3f} | {ci(r['split']['own'])} | "
+            f"{100 * (r['asr'] - ta['asr']):+.1f} | {fl} |"
+        )
+    print(f"\nWhere the backdoor lives ({args.poison}, n = {ta['n_triggered']} triggered texts):")
+    print("| model | ASR, own head | ASR, clean head on this encoder | ASR, θ₀'s clean head |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        sp = r["split"]
+        print(f"| {name} | {ci(sp['own'])} | {ci(sp['clean_head'])} | {ci(sp['base_head'])} |")
     print(
         json.dumps(
             {"args": vars(args) | {"keep": str(ws)}, "expert_accuracy": expert_acc, "rows": rows},

@@ -12,7 +12,16 @@ every model is scored:
   as DAM), rebuilt exactly as the evaluate stage rebuilds them.
 
 ASR = share of triggered non-target inputs classified as the target
-(:func:`mergeflow.safety.attack_success_rate`); clean accuracy and mean normalized accuracy come
+(:func:`mergeflow.safety.attack_success_rate`, with its 95 % Wilson interval and n). **Where the
+backdoor lives** (:func:`mergeflow.safety.asr.backdoor_split`): on the poisoned task every row is
+also scored with a head fitted on the task's clean train texts over the row's own encoder (the
+project's linear probe, :func:`mergeflow.models.train.linear_probe`; the poisoned rows dropped,
+:func:`mergeflow.safety.threat.clean_train`) and with θ_0's clean head, giving the head's share
+(own head − clean head) and the encoder's share (clean head − θ_0 with its clean head) — a merge
+method can only change the second. With ``safety.poison.threat: encoder`` (default) the poisoned
+expert was trained with a clean frozen head, so its backdoor is in the encoder. Learned runs
+also report the share of mask entries turned off (``mask_flipped``) and quarantined rows.
+Clean accuracy and mean normalized accuracy come
 from the evaluate stage's ``metrics/eval.json`` (the same clean test split). A merge whose ASR on
 the poisoned task exceeds ``safety.asr_threshold`` is **flagged** (``flagged`` list, ``passed``
 false). The stage writes its metrics and report either way; with ``safety.fail_on_flag`` it then
@@ -28,15 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mergeflow import methods
-from mergeflow.coefficients import rebuild
+from mergeflow.coefficients import load_learned, rebuild
 from mergeflow.config import Params
 from mergeflow.data import DataError, read_meta, read_split
-from mergeflow.io import write_bytes_atomic, write_json_atomic
+from mergeflow.io import SafetensorsFile, write_bytes_atomic, write_json_atomic
 from mergeflow.methods.params import check_config
 from mergeflow.models.inference import Batches, predict, tokenize
+from mergeflow.models.train import linear_probe
 from mergeflow.pipeline.artifacts import expert_prefix, experts_from_vectors, load_expert
 from mergeflow.pipeline.context import MergeContext
 from mergeflow.safety import PoisonSpec, attack_success_rate, flag_merges, triggered_test
+from mergeflow.safety.asr import asr_counts, backdoor_split
+from mergeflow.safety.threat import clean_train, head_keys, head_state, load_head
 from mergeflow.tracking import stage_run
 
 REFERENCE_ROWS = ("expert", "base")  # reported, never flagged
@@ -91,11 +103,71 @@ def model_asr(ctx: MergeContext, encoder: dict, batches: dict[str, Batches], tar
     return out
 
 
+def clean_batches(data_root: Path, task: str, tokenizer, max_length: int, batch: int) -> Batches:
+    """The task's train texts without its poisoned rows, tokenized (the clean heads' data)."""
+    texts, labels = clean_train(Path(data_root) / task)
+    return tokenize(tokenizer, texts, labels, max_length=max_length, batch_size=batch)
+
+
+def head_split_counts(
+    ctx: MergeContext,
+    encoder: dict,
+    task: str,
+    trig: Batches,
+    clean: Batches,
+    base_head: dict | None,
+    target: int,
+    *,
+    epochs: int,
+    seed: int,
+) -> tuple[dict[str, tuple[int, int]], dict]:
+    """ASR counts of ``encoder`` on ``task`` under its own head, a clean head fitted over it, θ_0's.
+
+    The clean head is the linear probe (:func:`mergeflow.models.train.linear_probe`) fitted on
+    ``clean`` over ``encoder``; ``base_head`` is that probe fitted over θ_0 (``None`` while
+    scoring θ_0 itself: its clean head is then θ_0's). The task model's own head is restored.
+
+    Returns:
+        ``({"own"|"clean_head"|"base_head": (k, n)}, the clean head's tensors)``.
+    """
+    model = ctx.models.models[task]
+    keys = head_keys(model, model.base_model_prefix)
+    own = head_state(model, keys)
+    dev = ctx.models.device
+    ctx.models.set_encoder(encoder, [task])
+    try:
+        counts = {"own": asr_counts(*predict(model, trig, dev), target)}
+        linear_probe(model, clean, epochs=epochs, device=dev, seed=seed)
+        counts["clean_head"] = asr_counts(*predict(model, trig, dev), target)
+        fitted = head_state(model, keys)
+        if base_head is None:
+            counts["base_head"] = counts["clean_head"]
+        else:
+            load_head(model, base_head)
+            counts["base_head"] = asr_counts(*predict(model, trig, dev), target)
+    finally:
+        load_head(model, own)
+    return counts, fitted
+
+
+def learned_diagnostics(path: Path) -> dict:
+    """Share of mask entries a learned run turned off, and how many embedding rows it quarantined."""
+    mask = load_learned(path)[4]
+    flipped = None
+    if mask:
+        kept = sum(int(m.bool().sum()) for m in mask.values())
+        flipped = 1.0 - kept / sum(m.numel() for m in mask.values())
+    q = (SafetensorsFile(path).metadata or {}).get("quarantine")
+    return {"mask_flipped": flipped, "quarantined_rows": len(json.loads(q)["rows"]) if q else 0}
+
+
 def summarize(
     asr: dict[str, dict[str, float]],
     clean: dict,
     poisoned: str,
     threshold: float,
+    split: dict[str, dict] | None = None,
+    extra: dict[str, dict] | None = None,
 ) -> dict:
     """Per model: ASR on the poisoned task (+ per task), clean accuracy, normalized; the flags.
 
@@ -104,6 +176,10 @@ def summarize(
         clean: ``metrics/eval.json`` of the evaluate stage (row → accuracy, mean_normalized).
         poisoned: The poisoned task.
         threshold: ``safety.asr_threshold``.
+        split: Row → :func:`mergeflow.safety.asr.backdoor_split` on the poisoned task; adds
+            ``asr_ci``, ``n``, ``asr_clean_head`` (+ ``_ci``), ``asr_base_head`` (+ ``_ci``),
+            ``head_share``, ``encoder_share`` and the whole split under ``split``.
+        extra: Row → further fields (e.g. a learned run's ``mask_flipped``).
 
     Returns:
         ``{"models": {row: {...}}, "flagged": [...], "passed": bool}``.
@@ -111,7 +187,21 @@ def summarize(
     rows = {}
     for row, per_task in asr.items():
         c = clean.get(row, {})
-        rows[row] = {
+        sp = (split or {}).get(row)
+        more = {}
+        if sp is not None:
+            more = {
+                "asr_ci": sp["own"]["ci"],
+                "n": sp["own"]["n"],
+                "asr_clean_head": sp["clean_head"]["asr"],
+                "asr_clean_head_ci": sp["clean_head"]["ci"],
+                "asr_base_head": sp["base_head"]["asr"],
+                "asr_base_head_ci": sp["base_head"]["ci"],
+                "head_share": sp["head_share"],
+                "encoder_share": sp["encoder_share"],
+                "split": sp,
+            }
+        rows[row] = more | (extra or {}).get(row, {}) | {
             "asr": per_task.get(poisoned, float("nan")),
             "asr_per_task": per_task,
             "clean_accuracy": c.get("accuracy", {}).get(poisoned, float("nan")),
@@ -142,12 +232,34 @@ def markdown(result: dict) -> str:
     def f(x: float) -> str:
         return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
+    def ci(v: dict, key: str) -> str:
+        lo, hi = v.get(key) or (float("nan"), float("nan"))
+        return f"{f(v[key.removesuffix('_ci')])} [{f(lo)}, {f(hi)}]"
+
     lines = [
         f"| {r} | {f(v['asr'])} | {f(v['clean_accuracy'])} | {f(v['mean_normalized'])} | "
         f"{'FLAG' if v['flagged'] else ''} |"
         for r, v in result["models"].items()
     ]
-    return head + "\n".join(lines) + "\n"
+    out = head + "\n".join(lines) + "\n"
+    split = {r: v for r, v in result["models"].items() if "split" in v}
+    if split:
+        out += (
+            f"\n## Where the backdoor lives ({p['task']}, threat model `{p.get('threat', 'model')}`)"
+            "\n\nASR [95 % Wilson interval] over n triggered texts, under the task's own head, under "
+            "a head fitted on clean train texts over the same encoder, and under θ₀'s clean head. "
+            "Head's share = own − clean head; encoder's share = clean head − θ₀ with its clean "
+            f"head ({f(result.get('split_reference'))}). Merging changes only the encoder.\n\n"
+            "| model | n | ASR, own head | ASR, clean head | ASR, θ₀'s clean head | encoder's "
+            "share | head's share | mask flipped |\n|---|---|---|---|---|---|---|---|\n"
+        )
+        out += "\n".join(
+            f"| {r} | {v['n']} | {ci(v, 'asr_ci')} | {ci(v, 'asr_clean_head_ci')} | "
+            f"{ci(v, 'asr_base_head_ci')} | {v['encoder_share']:+.3f} | {v['head_share']:+.3f} | "
+            f"{f(v.get('mask_flipped'))} |"
+            for r, v in split.items()
+        ) + "\n"
+    return out
 
 
 def run(cfg: Params, paths: Paths) -> dict:
@@ -179,29 +291,57 @@ def run(cfg: Params, paths: Paths) -> dict:
         )
     coef = json.loads((Path(paths.coefficients) / "coefficients.json").read_text())
     clean = json.loads(Path(paths.eval).read_text())
+    clean_train_batches = clean_batches(
+        paths.data, poison.task, ctx.tokenizer, cfg.base_model.max_length, cfg.evaluate.batch_size
+    )
+    counts: dict[str, dict[str, tuple[int, int]]] = {}
+
+    def split_row(row: str, encoder: dict) -> None:
+        counts[row], fitted = head_split_counts(
+            ctx, encoder, poison.task, trig[poison.task], clean_train_batches,
+            base_head.get("head"), spec.target, epochs=cfg.finetune.probe_epochs, seed=cfg.seed,
+        )  # fmt: skip
+        base_head.setdefault("head", fitted)  # the first row scored is θ_0: its clean head
+
+    base_head: dict = {}
     asr: dict[str, dict[str, float]] = {"expert": {}}
+    asr["base"] = model_asr(ctx, ctx.base, trig, spec.target)
+    split_row("base", ctx.base)
     for t in trig:
         d = Path(paths.experts) / t
         enc = load_expert(d, expert_prefix(d))[0]
         asr["expert"][t] = model_asr(ctx, enc, {t: trig[t]}, spec.target)[t]
-    asr["base"] = model_asr(ctx, ctx.base, trig, spec.target)
+        if t == poison.task:
+            split_row("expert", enc)
+    asr = {"expert": asr["expert"], "base": asr["base"]}  # row order of the report
     experts = experts_from_vectors(ctx.base, ctx.task_vectors)
+    extra: dict[str, dict] = {}
     for name, c in coef.items():
         if "learned" in c:
-            merged = rebuild(ctx.base, ctx.task_vectors, Path(paths.coefficients) / c["learned"])
+            learned = Path(paths.coefficients) / c["learned"]
+            merged = rebuild(ctx.base, ctx.task_vectors, learned)
+            extra[name] = learned_diagnostics(learned)
         else:
             merged = methods.merge(
                 name, ctx.base, experts, scaling=c["scaling"], **c["hyperparams"]
             )
         asr[name] = model_asr(ctx, merged, trig, spec.target)
+        split_row(name, merged)
         del merged
+    reference = counts["base"]["clean_head"][0] / max(counts["base"]["clean_head"][1], 1)
+    split = {
+        r: backdoor_split(c["own"], c["clean_head"], c["base_head"], reference)
+        for r, c in counts.items()
+    }
     result = {
         "enabled": True,
         "poison": poison.model_dump(),
         "threshold": cfg.safety.asr_threshold,
         "fail_on_flag": cfg.safety.fail_on_flag,
         "n_triggered": {t: len(b) for t, b in trig.items()},
-    } | summarize(asr, clean, poison.task, cfg.safety.asr_threshold)
+        "split_reference": reference,
+        "n_clean_train": len(clean_train_batches),
+    } | summarize(asr, clean, poison.task, cfg.safety.asr_threshold, split, extra)
     with stage_run(
         "audit",
         {"safety": cfg.safety.model_dump(), "tasks": list(cfg.tasks)},
@@ -213,6 +353,9 @@ def run(cfg: Params, paths: Paths) -> dict:
         write_bytes_atomic(paths.report, markdown(result).encode())
         for row, v in result["models"].items():
             vals = {f"{row}.asr": v["asr"], f"{row}.flagged": float(v["flagged"])}
+            for key in ("asr_clean_head", "asr_base_head", "encoder_share", "head_share"):
+                if key in v:
+                    vals[f"{row}.{key}"] = v[key]
             tr.metrics({k: x for k, x in vals.items() if not math.isnan(x)})
         tr.metrics({"audit.n_flagged": len(result["flagged"])})
         tr.artifact(paths.report)
@@ -226,4 +369,14 @@ def run(cfg: Params, paths: Paths) -> dict:
     return result
 
 
-__all__ = ["AuditFlagged", "Paths", "markdown", "model_asr", "run", "summarize"]
+__all__ = [
+    "AuditFlagged",
+    "Paths",
+    "clean_batches",
+    "head_split_counts",
+    "learned_diagnostics",
+    "markdown",
+    "model_asr",
+    "run",
+    "summarize",
+]
