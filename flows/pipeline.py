@@ -554,17 +554,43 @@ def publish_report(root: Path, parent, status: tuple[str, str]) -> Path | None:
     return page
 
 
-def _console():
-    """Prefect's own console (so its log lines print above a live view), else stderr."""
+def _prefect_console_handler():
+    """Prefect's console log handler (on the root logger), if logging is configured."""
     import logging
 
     from prefect.logging.handlers import PrefectConsoleHandler
+
+    return next(
+        (h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)), None
+    )
+
+
+def _console():
+    """A console on the stream Prefect logs to (stderr), with rich's default styles.
+
+    Prefect's own console has only Prefect's log styles (a table on it fails), so the live view
+    gets this one, and Prefect's handler prints through it while the view is up
+    (:func:`_logs_above`).
+    """
     from rich.console import Console
 
-    for h in logging.getLogger().handlers:
-        if isinstance(h, PrefectConsoleHandler):
-            return h.console
-    return Console(stderr=True)
+    handler = _prefect_console_handler()
+    return Console(file=handler.stream if handler else sys.stderr, markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def _logs_above(console, live: bool):
+    """While a live view is up, Prefect's log lines print through its console (above it)."""
+    handler = _prefect_console_handler() if live else None
+    if handler is None:
+        yield
+        return
+    before = handler.console
+    handler.console = console
+    try:
+        yield
+    finally:
+        handler.console = before
 
 
 def _where(parent, url: str, run_name: str, fid: str) -> dict[str, str]:
@@ -663,11 +689,12 @@ def pipeline(
             tempfile.TemporaryDirectory(prefix="mergeflow-progress-") as progress_dir,
         ):
             lineage_env = parent.env()
+            console = _console()
             monitor = progress.Monitor(
-                progress_dir, [s.name for s in plan], console=_console(), log=logger.info
+                progress_dir, [s.name for s in plan], console=console, log=logger.info
             )
             futures: dict[str, Any] = {}
-            with monitor:
+            with _logs_above(console, monitor.is_live), monitor:
                 for item in plan:
                     fan = [s for s in plan if s.stage == item.stage and "@" in s.name]
                     width = min(max_parallel, len(fan)) if parallel and fan else 1

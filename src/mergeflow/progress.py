@@ -384,16 +384,21 @@ class Monitor:
     def __exit__(self, *exc) -> None:
         self.tick()
         if self._live is not None:
-            self._live.stop()
-            self._live = None
+            live, self._live = self._live, None
+            live.stop()
 
     def tick(self) -> list[ItemView]:
         """Read the directory, refresh the view or print the lines that are due; the board."""
         self.board = read_board(self.directory, self.names)
         now = time.time()
         if self._live is not None:
-            self._live.update(board_table(self.board, now), refresh=True)
-            return self.board
+            try:
+                self._live.update(board_table(self.board, now), refresh=True)
+                return self.board
+            except Exception as err:  # noqa: BLE001 - a view must never stop the run
+                self._live = None
+                self.is_live = False
+                self.log(f"live view off ({type(err).__name__}: {err}); plain lines follow")
         for v in self.board:
             if v.state in ("checking", "running") and self.cadence.due(v.name, v.fraction):
                 self.log(f"{v.name}: {describe(v, now)}  [items: {fmt_counts(self.board)}]")
