@@ -13,7 +13,7 @@ import yaml
 
 from mergeflow import compression, masks
 from mergeflow.io import load_state_dict
-from tests.conftest import BIN, dvc, make_workspace
+from tests.conftest import BIN, copy_workspace, dvc, make_workspace
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -30,8 +30,9 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
         assert (ws / "artifacts/task_vectors" / f"{t}.safetensors").is_file()
     summary = json.loads((ws / "artifacts/masks/masks.json").read_text())
     assert set(summary["lambda"]) == set(tasks)
+    params = yaml.safe_load((ws / "params.yaml").read_text())
     coef = json.loads((ws / "artifacts/coefficients/coefficients.json").read_text())
-    assert set(coef) == {"task_arithmetic", "ties", "consensus"}
+    assert set(coef) == set(params["evaluate"]["methods"]) | set(params["coefficients"]["learned"])
     comp = json.loads((ws / "metrics/compress.json").read_text())
     assert comp["n_tasks"] == len(tasks)
     assert 0 < comp["tall"]["bytes"] < comp["tall"]["bytes_with_base"] < comp["bytes_experts"]
@@ -53,16 +54,17 @@ def test_all_six_stages_produce_their_artifacts(ci_workspace: Path):
     for row in ev.values():  # intervals (issue 17): Wilson per task, bootstrap of the means
         for t in tasks:
             lo, hi = row["accuracy_ci"][t]
-            assert lo <= row["accuracy"][t] <= hi and row["n_test"][t] == 48
+            assert lo <= row["accuracy"][t] <= hi and row["n_test"][t] == params["data"]["n_test"]
         lo, hi = row["mean_normalized_ci"]
         assert lo <= row["mean_normalized"] <= hi
     assert set(ev["ties"]["paired"]) == set(ev) - {"ties"}
     assert (ws / "reports/summary.md").read_text().count("\n|") >= 7
-    # safety off (default): the audit stage is a no-op that records it
-    assert json.loads((ws / "metrics/audit.json").read_text()) == {"enabled": False}
+    # the ci profile poisons one task: the audit ran (tests/e2e/test_safety_pipeline.py)
+    assert json.loads((ws / "metrics/audit.json").read_text())["enabled"] is True
 
 
 MERGES = ("task_arithmetic", "ties", "consensus", "tall_masks", "twin_merging")
+GRID_MERGES = ("task_arithmetic", "ties", "consensus")  # one merged encoder for every task
 
 
 def _above(ev: dict, a: str, b: str, task: str) -> bool:
@@ -70,29 +72,42 @@ def _above(ev: dict, a: str, b: str, task: str) -> bool:
     return ev[a]["accuracy_ci"][task][0] > ev[b]["accuracy_ci"][task][1]
 
 
-def test_merges_are_judged_against_the_base_with_their_noise(ci_workspace: Path):
-    """Accuracy assertions that a wrong merge fails, using the intervals in metrics/eval.json.
+def judge_against_base(ev: dict, tasks: list[str]) -> None:
+    """The accuracy claims of the ci run, from ``metrics/eval.json`` and its intervals.
 
-    Catches: an expert or a merge that damages the model (a wrong head, sign, λ or tensor): on no
-    task may an expert or a merge lie below the base beyond the noise (Wilson intervals disjoint),
-    and no merge's mean normalized accuracy may be below the base's (paired bootstrap over the
-    same texts). Where an expert beats the base beyond the noise, a merge that keeps none of it:
-    at least one merge must score above the base on that task.
-
-    The ci profile (6 fine-tuning steps from the linear-probe head, 48 test texts per task) gives
-    experts within noise of the base on every task, so the last check applies to no task there;
-    it does on a profile whose experts learn (docs/reliability.md, issue 24).
+    1. The experts learn: their mean normalized accuracy is above the base's over the same test
+       texts (paired bootstrap interval above 0), and on at least one task an expert beats the
+       base beyond the noise (95 % Wilson intervals disjoint).
+    2. Nothing damages the model: on no task may an expert or a merge lie below the base beyond
+       the noise, and no merge's mean normalized accuracy below the base's (paired interval).
+    3. Merging keeps what the experts learned: on every task where the expert beats the base
+       beyond the noise, at least one merge into one encoder (TA, TIES, consensus) scores above
+       the base.
     """
-    ev = json.loads((ci_workspace / "metrics/eval.json").read_text())
-    tasks = yaml.safe_load((ci_workspace / "params.yaml").read_text())["tasks"]
+    assert ev["expert"]["paired"]["base"]["ci"][0] > 0.0, ev["expert"]["paired"]["base"]
+    learned = [t for t in tasks if _above(ev, "expert", "base", t)]
+    assert learned, {t: (ev["base"]["accuracy_ci"][t], ev["expert"]["accuracy_ci"][t]) for t in tasks}
     for t in tasks:
         for row in ("expert", *MERGES):
             assert not _above(ev, "base", row, t), (row, t, ev[row]["accuracy_ci"][t])
     for m in MERGES:
         assert ev[m]["paired"]["base"]["ci"][1] >= 0.0, (m, ev[m]["paired"]["base"])
-    for t in tasks:
-        if _above(ev, "expert", "base", t):
-            assert any(ev[m]["accuracy"][t] > ev["base"]["accuracy"][t] for m in MERGES), t
+    for t in learned:
+        assert any(ev[m]["accuracy"][t] > ev["base"]["accuracy"][t] for m in GRID_MERGES), t
+
+
+def test_experts_and_merges_are_judged_against_the_base_with_their_noise(ci_workspace: Path):
+    """Catches: experts that learn nothing (claim 1 of :func:`judge_against_base`); a merge that
+    damages the model, e.g. a TA that adds θ_t instead of τ_t (claim 2); merges that keep none
+    of the experts' gain (claim 3). Mutations tried: docs/reliability.md.
+
+    The ci profile makes the claims testable: 256 training texts, 60 LP-FT steps and 200 test
+    texts per task, where bbc_news's expert cleared its linear-probe base by more than the noise
+    (0.955 [0.917, 0.976] vs 0.825 [0.766, 0.871], measured in-process on the same split).
+    """
+    ev = json.loads((ci_workspace / "metrics/eval.json").read_text())
+    tasks = yaml.safe_load((ci_workspace / "params.yaml").read_text())["tasks"]
+    judge_against_base(ev, tasks)
 
 
 def test_tall_archive_reconstructs_masked_experts_exactly(ci_workspace: Path):
@@ -195,12 +210,16 @@ def test_unknown_task_fails_clearly(tmp_path: Path):
     assert not (ws / "data").exists()
 
 
-def test_lora_experts_give_dense_task_vectors(tmp_path: Path):
-    ws = make_workspace(
-        tmp_path,
-        {"tasks": ["rotten_tomatoes", "bbc_news"], "finetune": {"mode": "lora", "steps": 4}},
-    )
-    dvc(ws, "repro", "task_vectors")
+def test_lora_experts_give_dense_task_vectors(ci_workspace: Path, tmp_path: Path):
+    """On a copy of the ci workspace (its prepared data and base are reused: only the two LoRA
+    fine-tunes and task_vectors run)."""
+    ws = copy_workspace(ci_workspace, tmp_path / "ws")
+    p = yaml.safe_load((ws / "params.yaml").read_text())
+    p["tasks"] = ["rotten_tomatoes", "bbc_news"]
+    p["finetune"].update({"mode": "lora", "steps": 4})
+    (ws / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    log = dvc(ws, "repro", "task_vectors").stdout
+    assert "Running stage 'base'" not in log and "Running stage 'prepare@" not in log
     base = load_state_dict(ws / "models/base/model.safetensors")
     for t in ("rotten_tomatoes", "bbc_news"):
         assert (ws / "models/experts" / t / "adapter" / "adapter_model.safetensors").is_file()

@@ -178,7 +178,7 @@ def mlflow_server(tmp_path_factory, moto_s3):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(uri + "/health", 300, proc)
+        wait_http(uri + "/health", 900, proc)  # generous: a loaded 2-core box
         yield uri
     finally:
         stop(proc)
@@ -201,7 +201,7 @@ def prefect_server(tmp_path_factory):
         env,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/api/health", 300, proc)
+        wait_http(f"http://127.0.0.1:{port}/api/health", 900, proc)  # ~15 s when idle
         yield env["PREFECT_API_URL"], env
     finally:
         stop(proc)
