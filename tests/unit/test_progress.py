@@ -222,3 +222,33 @@ def test_metric_stream_is_visible_in_mlflow_before_the_run_ends(tmp_path, monkey
         stream.flush()
         assert len(reader.get_metric_history(tr.run_id, "train_loss")) == 8
         assert reader.get_run(tr.run_id).info.status == "RUNNING"
+
+
+def test_live_view_renders_on_a_terminal_and_prefect_logs_print_above_it():
+    """Catches: the live table drawn on Prefect's own console, whose theme lacks rich's table
+    styles (the first live run died with MissingStyle 'table.header'), and Prefect log lines
+    written past the live view instead of through its console."""
+    import io
+    import logging
+
+    from prefect.logging.configuration import setup_logging
+
+    from flows.pipeline import _console, _logs_above, _prefect_console_handler
+
+    setup_logging()
+    console = _console()
+    buf = io.StringIO()
+    console.file = buf
+    console._force_terminal = True
+    board = [pg.ItemView("finetune@a", "running", 1.0, progress={
+        "phase": "fine-tune", "done": 2, "total": 4, "unit": "step", "fraction": 0.5,
+        "values": {"loss": 0.3}})]
+    console.print(pg.board_table(board, now=5.0))
+    assert "finetune@a" in buf.getvalue() and "step 2/4 (50 %)" in buf.getvalue()
+    handler = _prefect_console_handler()
+    before = handler.console
+    with _logs_above(console, live=True):
+        assert handler.console is console
+        logging.getLogger("prefect.test").warning("a log line while the view is up")
+    assert handler.console is before
+    assert "a log line while the view is up" in buf.getvalue()
