@@ -599,6 +599,12 @@ def _where(parent, url: str, run_name: str, fid: str) -> dict[str, str]:
         mlflow_at = parent.location() or "not tracked (MERGEFLOW_TRACKING=off)"
     except Exception as err:  # noqa: BLE001 - a summary line, never a failure
         mlflow_at = f"run {parent.run_id} ({type(err).__name__} reading it)"
+    from prefect.utilities.urls import url_for
+
+    try:  # the UI route Prefect itself prints ("View at ..."); runtime's ui_url uses an older one
+        url = (url_for("flow-run", obj_id=fid) if fid else None) or url
+    except Exception:  # noqa: BLE001 - a summary line, never a failure
+        pass
     prefect_at = url or f"flow run {run_name} ({fid}): `prefect flow-run inspect {fid}`"
     return {"MLflow run": mlflow_at, "Prefect flow run": prefect_at}
 
