@@ -634,10 +634,14 @@ def _summary(monitor, root: Path, wall_s: float, page, where: dict, status: str)
         best = best_merge(root)
     except Exception:  # noqa: BLE001 - the report says why eval.json is unusable
         best = None
-    block = progress.summary_block(
-        monitor.board, wall_s, best, {"dashboard": str(page or ""), **where}, status
-    )
-    monitor.print(block)
+    try:
+        block = progress.summary_block(
+            monitor.board, wall_s, best, {"dashboard": str(page or ""), **where}, status
+        )
+        monitor.print(block)
+    except Exception as err:  # noqa: BLE001 - never mask the run's own result or error
+        get_run_logger().warning("summary not shown: %s: %s", type(err).__name__, err)
+        return
     with contextlib.suppress(Exception):
         create_markdown_artifact(
             key="run-summary", markdown=f"```\n{progress.render_text(block)}\n```\n",
