@@ -599,7 +599,7 @@ DATA_ROWS = [
             b'{"text": "a", "label": "pos"}\n{"text": "b", "label": "meh"}\n',
             label_names=["neg", "pos"],
         ),
-        "labels ['meh'] are not in label_names",
+        "'label' is 'meh', not one of label_names",
         DataError,
     ),
     Row(

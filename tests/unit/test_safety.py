@@ -417,7 +417,10 @@ def test_dam_token_trigger_defends_the_backdoored_task(tok):
     fm = lc.FunctionalMerge(base, tvs, lc.BlockScheme("task"))
     data = {"sent": lc.Examples(tok, texts, [0] * len(texts), max_length=16).unlabeled()}
     seen = []
-    spec = DamSpec(steps=4, init=1.0, mask_init=0.05, batch_size=8, trigger="token", candidates=64)
+    spec = DamSpec(
+        steps=4, init=1.0, mask_init=0.05, batch_size=8, trigger="token", candidates=64,
+        quarantine=True,
+    )
     res = dam(
         fm,
         {"sent": model},

@@ -368,17 +368,17 @@ def test_use_profile_keeps_comments_and_layout(tmp_path, monkeypatch):
     # what the profile does not change stays byte for byte, hand-wrapped flow mappings included
     for kept in (
         "base_model:\n  name_or_path: packaged:all-minilm-l6-v2   # or a local HF dir",
-        "    atlas_val:\n      {method: atlas, blocks: layer, data: val,",
-        "  - bbc_news\n\nbase_model:",
+        "    ties: {density: 0.2}\n    consensus: {k: 2}",
+        "  - bbc_news\nlocal_tasks: {}        # your own data",
     ):
         assert kept in after, kept
-    assert "  steps: 6\n" in after and "  grid: [0.3, 1.0]" in after
+    assert "  n_train: 256\n" in after and "  grid: [0.3, 1.0]" in after
     want = deep_merge(
         load_yaml_file(ROOT / "params.yaml"), load_yaml_file(ROOT / "configs/ci.yaml")
     )
     assert load_params(params) == parse_params(want)
     assert (tmp_path / "params.yaml.bak").read_text() == before
-    assert "finetune.steps" in " ".join(res.output.split())
+    assert "data.n_train" in " ".join(res.output.split())
 
 
 def test_use_profile_without_changes_leaves_the_file_alone(tmp_path):
