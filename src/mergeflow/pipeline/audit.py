@@ -137,6 +137,9 @@ def head_split_counts(
     ctx.models.set_encoder(encoder, [task])
     try:
         counts = {"own": asr_counts(*predict(model, trig, dev), target)}
+        for name, p in model.named_parameters():  # a head frozen by a learner (DAM) is refitted
+            if name in keys:
+                p.requires_grad_(True)
         linear_probe(model, clean, epochs=epochs, device=dev, seed=seed)
         counts["clean_head"] = asr_counts(*predict(model, trig, dev), target)
         fitted = head_state(model, keys)
