@@ -47,4 +47,6 @@ def test_flow_skips_up_to_date_stages_and_reruns_changed_ones(
         arts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["headline"]))
         )
-    assert arts and {a.type for a in arts} == {"table"}
+    # the session's one Prefect server also holds other tests' flow runs (some without an
+    # evaluation, whose "headline" is markdown): this run's artifact is the newest
+    assert arts and max(arts, key=lambda a: a.created).type == "table"
